@@ -1,0 +1,43 @@
+# visionloop — the two commands a newcomer needs:
+#   make run    create .venv, install the pinned dependencies, run the whole loop on the embedded digits
+#   make test   same install, then lint and the whole test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint format install clean bench help
+
+help:
+	@echo "make run    - install (first time) and run ingest→…→promote on the built-in digits"
+	@echo "make test   - install (first time), ruff, then the whole pytest suite"
+	@echo "make bench  - run the benchmarks in benchmarks/"
+	@echo "make clean  - remove .venv and the local project data (.visionloop/)"
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/visionloop run $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+test: lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+format: $(STAMP)
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .visionloop

@@ -1,0 +1,473 @@
+"""The ``visionloop`` command: one sub-command per lifecycle stage, and ``run`` to chain them.
+
+Stages hand over through ``<home>/latest/<stage>.json``, so ``visionloop data ingest``, then
+``visionloop data validate``, … then ``visionloop promote`` does exactly what ``visionloop run`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from visionloop import __version__
+from visionloop.config import Settings, describe, load_settings
+from visionloop.errors import VisionloopError
+
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+HELP = """visionloop — the production loop of an image classifier, end to end.
+
+  data source → ingest → validate → preprocess → train → evaluate → export (ONNX)
+              → register (MLflow) → quality gate → alias `champion`
+
+Start with `visionloop run` (the built-in digits), then look around with
+`visionloop models list` and `visionloop models history`. Every option can also be set in a YAML
+file (--config) or as VISIONLOOP_<GROUP>__<KEY> in the environment; flags win over both.
+"""
+
+app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich")
+data_app = typer.Typer(help="Ingest, validate and preprocess image data.", no_args_is_help=True)
+models_app = typer.Typer(help="Inspect the registry: versions, alias history, rollback.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+_STATE: dict[str, Any] = {"config": None, "home": None}
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML settings file (default ./visionloop.yaml if present)."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Any setting as KEY=VALUE, e.g. --set train.patience=5 (repeatable)."),
+]
+SourceOpt = Annotated[str | None, typer.Option("--source", "-s", help=describe("data.source"))]
+EpochsOpt = Annotated[int | None, typer.Option(help=describe("train.epochs"))]
+BatchOpt = Annotated[int | None, typer.Option(help=describe("train.batch_size"))]
+LrOpt = Annotated[float | None, typer.Option(help=describe("train.lr"))]
+SeedOpt = Annotated[int | None, typer.Option(help=describe("train.seed"))]
+DeviceOpt = Annotated[str | None, typer.Option(help=describe("train.device"))]
+SizeOpt = Annotated[int | None, typer.Option(help=describe("data.image_size"))]
+NameOpt = Annotated[str | None, typer.Option("--model-name", help=describe("registry.model_name"))]
+FloorOpt = Annotated[float | None, typer.Option(help=describe("gate.min_accuracy"))]
+MarginOpt = Annotated[float | None, typer.Option(help=describe("gate.min_improvement"))]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables (for scripts and CI).")]
+
+
+def _parse_set(pairs: list[str] | None) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise VisionloopError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw else ""
+    return out
+
+
+def settings_from(sets: list[str] | None = None, **flags: Any) -> Settings:
+    overrides = {**_parse_set(sets), **{k: v for k, v in flags.items() if v is not None}}
+    if _STATE["home"] is not None:
+        overrides.setdefault("home", _STATE["home"])
+    return load_settings(_STATE["config"], overrides)
+
+
+def _print_json(obj: Any) -> None:
+    console.print_json(json.dumps(obj, default=str))
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"visionloop {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    config: ConfigOpt = None,
+    home: Annotated[Path | None, typer.Option("--home", help=describe("home"))] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    _STATE["config"] = config
+    _STATE["home"] = home
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@data_app.command("ingest")
+def data_ingest(source: SourceOpt = None, sets: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Fetch or generate the images and lay them out as class_name/file folders under the home."""
+    from visionloop.pipeline import steps
+
+    settings = settings_from(sets, **{"data.source": source})
+    result = steps.ingest_step(settings)
+    steps.record(settings.home, "ingest", result)
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        console.print(
+            f"ingested [bold]{result.source}[/] ({result.kind}): {result.num_files} files in "
+            f"{len(result.classes)} classes at {result.root}"
+        )
+
+
+@data_app.command("validate")
+def data_validate(sets: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Decode every ingested file; report bad files, sizes, modes, duplicates and imbalance; apply the policy."""
+    from visionloop.data.sources import IngestResult
+    from visionloop.pipeline import steps
+
+    settings = settings_from(sets)
+    ingested = IngestResult.from_dict(steps.latest_raw(settings.home, "ingest"))
+    out = steps.validate_step(ingested, settings)
+    steps.record(settings.home, "validate", out)
+    if as_json:
+        _print_json(steps.as_json(out))
+        return
+    console.print(f"validation passed: {out.usable} usable images, {out.bad} unusable, classes {out.classes}")
+    for note in out.warnings:
+        console.print(f"  [yellow]warning:[/] {note}")
+    console.print(f"report: {out.report_path.parent / 'report.md'}")
+
+
+@data_app.command("preprocess")
+def data_preprocess(
+    image_size: SizeOpt = None,
+    split_seed: Annotated[int | None, typer.Option(help=describe("data.split_seed"))] = None,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Split (stratified, seeded), resize, convert, compute normalisation; write a versioned dataset."""
+    from visionloop.data.sources import IngestResult
+    from visionloop.pipeline import steps
+
+    settings = settings_from(sets, **{"data.image_size": image_size, "data.split_seed": split_seed})
+    ingested = IngestResult.from_dict(steps.latest_raw(settings.home, "ingest"))
+    validated = steps.latest(settings.home, "validate", steps.ValidateOutput)
+    out = steps.preprocess_step(validated.report_path, ingested, settings)
+    steps.record(settings.home, "preprocess", out)
+    if as_json:
+        _print_json(steps.as_json(out))
+    else:
+        console.print(
+            f"dataset [bold]{out.dataset_version}[/]: {out.counts} at {out.image_size}x{out.image_size}x"
+            f"{out.channels} in {out.dataset_dir}"
+        )
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+@app.command("train")
+def train_cmd(
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    compile_model: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help=describe("train.compile"))
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the last interrupted training from its checkpoint.")] = False,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the residual CNN on the latest preprocessed dataset, tracked in MLflow."""
+    from visionloop.fsutil import read_json
+    from visionloop.pipeline import steps
+
+    settings = settings_from(
+        sets,
+        **{
+            "train.epochs": epochs,
+            "train.batch_size": batch_size,
+            "train.lr": lr,
+            "train.seed": seed,
+            "train.device": device,
+            "train.compile": compile_model,
+        },
+    )
+    if resume:
+        started_path = settings.home / "latest" / "train_started.json"
+        if not started_path.is_file():
+            raise VisionloopError("nothing to resume: no training was started under this home")
+        started = read_json(started_path)
+        dataset_dir, work_dir, run_id = (
+            Path(started["dataset_dir"]),
+            Path(started["work_dir"]),
+            started["run_id"],
+        )
+    else:
+        dataset_dir = steps.latest(settings.home, "preprocess", steps.PreprocessOutput).dataset_dir
+        work_dir, run_id = steps.new_work_dir(settings.home), None
+    try:
+        out = steps.train_step(dataset_dir, settings, work_dir, resume_run_id=run_id, show_progress=not as_json)
+    except KeyboardInterrupt:
+        err.print(
+            "[yellow]interrupted[/]: the last finished epoch is checkpointed; continue with `visionloop train --resume`"
+        )
+        raise typer.Exit(130) from None
+    steps.record(settings.home, "train", out)
+    if as_json:
+        _print_json(steps.as_json(out))
+    else:
+        console.print(
+            f"trained on {out.device}: best val accuracy {out.best_val_accuracy:.4f} at epoch {out.best_epoch} "
+            f"of {out.epochs_run}; {out.parameters:,} parameters; {out.images_per_second:,.0f} img/s; "
+            f"MLflow run {out.run_id}"
+        )
+
+
+@app.command("evaluate")
+def evaluate_cmd(sets: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Score the trained model on the test split beside a scikit-learn baseline; confusion matrix, ECE."""
+    from visionloop.pipeline import steps
+
+    settings = settings_from(sets)
+    trained = steps.latest(settings.home, "train", steps.TrainOutput)
+    out = steps.evaluate_step(
+        trained.model_path, trained.dataset_dir, trained.run_id, settings, trained.work_dir / "evaluation"
+    )
+    steps.record(settings.home, "evaluate", out)
+    if as_json:
+        _print_json(steps.as_json(out))
+    else:
+        console.print(
+            f"test accuracy {out.test_accuracy:.4f} (baseline {out.baseline_name}: {out.baseline_accuracy:.4f}), "
+            f"macro F1 {out.macro_f1:.4f}, ECE {out.ece:.4f}; confusion matrix in {out.metrics_path.parent}"
+        )
+
+
+@app.command("export")
+def export_cmd(sets: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Export to ONNX (dynamic batch, probabilities + embedding), check parity, write the model card."""
+    from visionloop.pipeline import steps
+
+    settings = settings_from(sets)
+    trained = steps.latest(settings.home, "train", steps.TrainOutput)
+    evaluated = steps.latest(settings.home, "evaluate", steps.EvaluateOutput)
+    out = steps.export_step(
+        trained.model_path, trained.dataset_dir, evaluated.metrics, settings, trained.work_dir / "export"
+    )
+    steps.record(settings.home, "export", out)
+    if as_json:
+        _print_json(steps.as_json(out))
+    else:
+        console.print(
+            f"exported {out.export_dir / 'model.onnx'}; parity max |diff| {out.max_abs_diff:.2e} on {out.parity_images} images"
+        )
+
+
+@app.command("register")
+def register_cmd(model_name: NameOpt = None, sets: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Log the exported model to MLflow, register a new version and give it the alias `challenger`."""
+    from visionloop.pipeline import steps
+
+    settings = settings_from(sets, **{"registry.model_name": model_name})
+    trained = steps.latest(settings.home, "train", steps.TrainOutput)
+    exported = steps.latest(settings.home, "export", steps.ExportOutput)
+    out = steps.register_step(exported.export_dir, trained.run_id, settings)
+    steps.record(settings.home, "register", out)
+    if as_json:
+        _print_json(steps.as_json(out))
+    else:
+        console.print(f"registered {out.model_name} v{out.version} as challenger ({out.model_uri})")
+
+
+@app.command("promote")
+def promote_cmd(
+    version: Annotated[str | None, typer.Option(help="Version to judge; default: the one just registered.")] = None,
+    model_name: NameOpt = None,
+    min_accuracy: FloorOpt = None,
+    min_improvement: MarginOpt = None,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Quality gate: promote the challenger to `champion` if it clears the floor and beats the champion."""
+    from visionloop.pipeline import steps
+
+    settings = settings_from(
+        sets,
+        **{
+            "registry.model_name": model_name,
+            "gate.min_accuracy": min_accuracy,
+            "gate.min_improvement": min_improvement,
+        },
+    )
+    registered = steps.latest(settings.home, "register", steps.RegisterOutput)
+    prepared = steps.latest(settings.home, "preprocess", steps.PreprocessOutput)
+    out = steps.promote_step(version or registered.version, prepared.dataset_dir, settings)
+    steps.record(settings.home, "promote", out)
+    if as_json:
+        _print_json(steps.as_json(out))
+        return
+    verdict = "[green]PROMOTED to champion[/]" if out.promoted else "[yellow]not promoted[/]"
+    console.print(f"{out.model_name} v{out.version}: {verdict}")
+    for reason in out.reasons:
+        console.print(f"  - {reason}")
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def summary_table(summary: Any) -> Table:
+    table = Table(title="visionloop run", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("dataset version", f"{summary.dataset_version}  ({summary.source}: {summary.images})")
+    table.add_row("CNN test accuracy", f"{summary.test_accuracy:.4f}")
+    table.add_row(f"baseline ({summary.baseline_name})", f"{summary.baseline_accuracy:.4f}  (same split, same run)")
+    table.add_row("model", f"{summary.model_name} v{summary.model_version}")
+    table.add_row("aliases", ", ".join(summary.aliases) or "-")
+    table.add_row("gate", ("promoted: " if summary.promoted else "not promoted: ") + "; ".join(summary.gate_reasons))
+    table.add_row("champion now", f"v{summary.champion_version}" if summary.champion_version else "none")
+    table.add_row("trained on", f"{summary.device}, {summary.epochs_run} epochs")
+    table.add_row(
+        "time",
+        f"{summary.total_seconds:.1f} s  " + "  ".join(f"{k} {v:.1f}" for k, v in summary.stage_seconds.items()),
+    )
+    table.add_row("MLflow run", summary.run_id)
+    return table
+
+
+@app.command("run")
+def run_cmd(
+    source: SourceOpt = None,
+    epochs: EpochsOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    image_size: SizeOpt = None,
+    model_name: NameOpt = None,
+    min_accuracy: FloorOpt = None,
+    min_improvement: MarginOpt = None,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole loop: ingest → validate → preprocess → train → evaluate → export → register → promote."""
+    from visionloop.pipeline.runner import run_pipeline
+
+    settings = settings_from(
+        sets,
+        **{
+            "data.source": source,
+            "train.epochs": epochs,
+            "train.seed": seed,
+            "train.device": device,
+            "data.image_size": image_size,
+            "registry.model_name": model_name,
+            "gate.min_accuracy": min_accuracy,
+            "gate.min_improvement": min_improvement,
+        },
+    )
+
+    def on_stage(name: str, seconds: float, _out: Any) -> None:
+        if not as_json:
+            err.print(f"[green]✓[/] {name:<10} {seconds:6.2f} s")
+
+    summary = run_pipeline(settings, show_progress=not as_json, on_stage=on_stage)
+    if as_json:
+        result = summary.to_dict()
+        result["gate_decision"] = "promoted" if summary.promoted else "rejected"
+        print(json.dumps(result, default=str))
+    else:
+        console.print(summary_table(summary))
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+@models_app.command("list")
+def models_list(model_name: NameOpt = None, sets: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Every registered version with its aliases, dataset version, test accuracy and gate decision."""
+    from visionloop import registry
+
+    settings = settings_from(sets, **{"registry.model_name": model_name})
+    rows = registry.list_versions(settings)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title=f"{settings.registry.model_name} ({settings.tracking_uri})", title_justify="left")
+    for column in ("version", "aliases", "created", "dataset", "test acc", "gate", "run"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["version"],
+            ", ".join(row["aliases"]),
+            row["created"],
+            row["dataset_version"],
+            row["test_accuracy"],
+            row["gate"],
+            row["run_id"][:8],
+        )
+    console.print(table)
+
+
+@models_app.command("history")
+def models_history(model_name: NameOpt = None, sets: SetOpt = None, as_json: JsonOpt = False) -> None:
+    """Every alias move: when, which alias, from which version to which, and why."""
+    from dataclasses import asdict
+
+    from visionloop import registry
+
+    settings = settings_from(sets, **{"registry.model_name": model_name})
+    events = registry.history(settings)
+    if as_json:
+        _print_json([asdict(e) for e in events])
+        return
+    table = Table(title=f"alias history of {settings.registry.model_name}", title_justify="left")
+    for column in ("#", "time", "alias", "from", "to", "kind", "reason"):
+        table.add_column(column)
+    for e in events:
+        table.add_row(
+            str(e.seq),
+            e.time,
+            e.alias,
+            f"v{e.from_version}" if e.from_version else "-",
+            f"v{e.to_version}",
+            e.kind,
+            e.reason,
+        )
+    console.print(table)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    model_name: NameOpt = None,
+    reason: Annotated[str, typer.Option(help="Why; stored in the alias history.")] = "manual rollback",
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move `champion` back to the previous champion (recorded in the history)."""
+    from dataclasses import asdict
+
+    from visionloop import registry
+
+    settings = settings_from(sets, **{"registry.model_name": model_name})
+    event = registry.rollback(settings, reason)
+    if as_json:
+        _print_json(asdict(event))
+    else:
+        console.print(f"champion rolled back: v{event.from_version} → v{event.to_version}")
+
+
+def main() -> None:
+    try:
+        app()
+    except VisionloopError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""One settings object for the whole loop.
+
+Values come, highest priority first, from: command-line flags, ``VISIONLOOP_*`` environment
+variables (nested with ``__``, e.g. ``VISIONLOOP_TRAIN__EPOCHS=5``), a YAML file
+(``--config FILE``, ``VISIONLOOP_CONFIG``, or ``./visionloop.yaml`` when present), and the defaults
+below. Every CLI option's default and help text is read from here, so there is one place to look.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from visionloop.errors import ConfigError
+
+
+class DataSettings(BaseModel):
+    source: str = Field(
+        "digits",
+        description="Where images come from: 'digits' (built in), 'synthetic', a folder of "
+        "class_name/image files, a .zip/.tar.gz archive, or an fsspec URL (file://, s3://, https://).",
+    )
+    image_size: int = Field(
+        0, ge=0, le=512, description="Side of the square model input in pixels; 0 picks it from the data."
+    )
+    channels: Literal[0, 1, 3] = Field(0, description="1 (grey) or 3 (RGB); 0 picks it from the data.")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of images held out for validation.")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of images held out for the test set.")
+    split_seed: int = Field(0, description="Seed of the train/val/test split and of the synthetic generator.")
+    hflip: bool | None = Field(
+        None,
+        description="Allow horizontal flips in augmentation; unset lets the source decide "
+        "(never for digits, yes for synthetic shapes).",
+    )
+    # synthetic generator
+    synthetic_classes: int = Field(4, ge=2, le=8, description="Classes the synthetic generator draws.")
+    synthetic_per_class: int = Field(60, ge=1, description="Images per class for the synthetic source.")
+    synthetic_size: int = Field(32, ge=8, le=512, description="Side of synthetic images in pixels.")
+    synthetic_channels: Literal[1, 3] = Field(3, description="Channels of synthetic images.")
+
+
+class ValidationPolicy(BaseModel):
+    max_bad_fraction: float = Field(
+        0.05, ge=0, le=1, description="Fail when more than this share of files cannot be decoded."
+    )
+    min_images_per_class: int = Field(5, ge=1, description="Fail when a class has fewer usable images.")
+    max_imbalance_ratio: float = Field(
+        10.0, ge=1, description="Warn when the largest class is this many times the smallest."
+    )
+    max_pixels: int = Field(
+        40_000_000, ge=1, description="Refuse images with more pixels than this (decompression bombs)."
+    )
+
+
+class TrainSettings(BaseModel):
+    epochs: int = Field(30, ge=1, le=10_000, description="Maximum training epochs.")
+    batch_size: int = Field(64, ge=1, le=65_536, description="Images per optimisation step.")
+    lr: float = Field(3e-3, gt=0, le=10, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(5e-4, ge=0, description="AdamW weight decay.")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="Cross-entropy label smoothing.")
+    schedule: Literal["onecycle", "cosine"] = Field("onecycle", description="Learning-rate schedule.")
+    width: int = Field(0, ge=0, le=1024, description="Channels of the first stage; 0 sizes it from the data.")
+    depth: int = Field(0, ge=0, le=6, description="Residual stages (each halves resolution); 0 = auto.")
+    patience: int = Field(10, ge=1, description="Stop after this many epochs without a better val accuracy.")
+    seed: int = Field(0, description="Seed for initialisation, augmentation and shuffling (CPU runs repeat exactly).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' takes CUDA when present.")
+    compile: bool = Field(False, description="torch.compile the model (CUDA only).")
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 uses every core.")
+
+
+class GateSettings(BaseModel):
+    min_accuracy: float = Field(0.9, ge=0, le=1, description="Absolute floor on test accuracy for champion.")
+    min_improvement: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="A challenger must beat the champion's accuracy on the same test set by more "
+        "than 0 and by at least this much.",
+    )
+    parity_tolerance: float = Field(
+        1e-4, gt=0, description="Largest allowed |ONNX - PyTorch| difference in softmax output."
+    )
+
+
+class RegistrySettings(BaseModel):
+    model_name: str = Field("visionloop-classifier", description="Registered model name in MLflow.")
+    tracking_uri: str = Field(
+        "",
+        description="MLflow tracking URI; empty uses MLFLOW_TRACKING_URI or an embedded SQLite "
+        "store under the project home.",
+    )
+    experiment: str = Field("visionloop", description="MLflow experiment name.")
+
+    @field_validator("model_name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        if not value or any(c in value for c in "/:@ ") or len(value) > 200:
+            raise ValueError("must be non-empty, at most 200 chars, without '/', ':', '@' or spaces")
+        return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VISIONLOOP_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    home: Path = Field(Path(".visionloop"), description="Project data directory: datasets, runs, MLflow store.")
+    data: DataSettings = DataSettings()
+    validation: ValidationPolicy = ValidationPolicy()
+    train: TrainSettings = TrainSettings()
+    gate: GateSettings = GateSettings()
+    registry: RegistrySettings = RegistrySettings()
+
+    @model_validator(mode="after")
+    def _splits_leave_training_data(self) -> Settings:
+        if self.data.val_fraction + self.data.test_fraction >= 0.8:
+            raise ValueError("data.val_fraction + data.test_fraction must leave at least 20% for training")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = _CONFIG_FILE.get("path")
+        if config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow store: explicit setting, then MLFLOW_TRACKING_URI, then SQLite under home."""
+        if self.registry.tracking_uri:
+            return self.registry.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{(self.home / 'mlflow.db').resolve()}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return (self.home / "mlartifacts").resolve()
+
+
+# The YAML file is chosen per load; pydantic-settings reads sources from a classmethod, so it is
+# handed over here for the duration of one ``load_settings`` call.
+_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Turn {"train.epochs": 5} into {"train": {"epochs": 5}}, dropping unset (None) values."""
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the settings; any problem becomes one ConfigError naming the bad key."""
+    if config_file is None and os.environ.get("VISIONLOOP_CONFIG"):
+        config_file = Path(os.environ["VISIONLOOP_CONFIG"])
+    if config_file is None and Path("visionloop.yaml").is_file():
+        config_file = Path("visionloop.yaml")
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file not found: {config_file}")
+    _CONFIG_FILE["path"] = config_file
+    try:
+        # init kwargs replace whole nested groups, so flags are merged over env + file first.
+        base = Settings().model_dump() if overrides else {}
+        return Settings(**_merge(base, _nest(overrides or {})))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise ConfigError(f"invalid setting {where}: {first['msg']}") from None
+    except Exception as exc:  # YAML syntax errors, unreadable files, bad env JSON
+        raise ConfigError(f"could not read settings: {exc}") from None
+    finally:
+        _CONFIG_FILE["path"] = None
+
+
+def default_of(dotted: str) -> Any:
+    """The built-in default of a setting, for help texts."""
+    model: Any = Settings
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation
+    return model.model_fields[leaf].default
+
+
+def describe(dotted: str) -> str:
+    """Help text for a CLI option: the field's description plus its setting and env names."""
+    model: Any = Settings
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation
+    field = model.model_fields[leaf]
+    env = "VISIONLOOP_" + "__".join(p.upper() for p in dotted.split("."))
+    return f"{field.description} [setting {dotted}, env {env}, default {field.default!r}]"

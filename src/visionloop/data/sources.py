@@ -1,0 +1,224 @@
+"""Ingest: turn any supported source into a local folder laid out as ``class_name/image_file``.
+
+Sources:
+- ``digits``: the 8x8 handwritten digits that scikit-learn ships, written out as real PNG files;
+- ``synthetic``: our deterministic generator (see ``synthetic.py``);
+- a local folder in the ``class_name/file.ext`` layout (used in place, not copied);
+- a ``.zip`` / ``.tar`` / ``.tar.gz`` archive (recognised by content, not by name), extracted safely;
+- any fsspec URL (``file://``, ``s3://``, ``gs://``, ``http(s)://``): a folder is copied, an archive
+  is downloaded and extracted. Remote filesystems need their fsspec driver installed (s3fs, gcsfs).
+
+Everything fetched or generated lands under ``<home>/sources/`` through a temporary folder that is
+renamed only when complete, keyed by content, so a second ingest of the same input is free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from visionloop.data.synthetic import SyntheticSpec, generate
+from visionloop.errors import DataError
+from visionloop.fsutil import atomic_dir, atomic_write_json, sha256_file
+
+MAX_EXTRACTED_BYTES = 20 * 1024**3  # refuse archives that would unpack to more than this
+_IGNORED = {"__MACOSX", ".DS_Store", "Thumbs.db"}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    root: Path  # folder whose sub-folders are the classes
+    source: str  # what the user asked for
+    kind: str  # digits | synthetic | folder | archive | url
+    hflip_ok: bool  # may augmentation mirror these images?
+    classes: list[str]
+    num_files: int
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "root": str(self.root)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> IngestResult:
+        return cls(**{**data, "root": Path(data["root"])})
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".") and path.name not in _IGNORED
+
+
+def find_class_root(root: Path) -> Path:
+    """Descend through single wrapper folders (``archive/data/<classes>``) to the class folders."""
+    current = root
+    for _ in range(8):
+        entries = [p for p in current.iterdir() if _visible(p)]
+        dirs = [p for p in entries if p.is_dir()]
+        files = [p for p in entries if p.is_file()]
+        if len(dirs) == 1 and not files and any(p.is_dir() for p in dirs[0].iterdir() if _visible(p)):
+            current = dirs[0]
+            continue
+        return current
+    return current
+
+
+def _describe(root: Path, source: str, kind: str, hflip_ok: bool) -> IngestResult:
+    class_root = find_class_root(root)
+    classes = sorted(p.name for p in class_root.iterdir() if p.is_dir() and _visible(p))
+    if not classes:
+        raise DataError(
+            f"no class folders in {source}: expected <root>/<class_name>/<image files>, "
+            f"found {'nothing' if not any(class_root.iterdir()) else 'only loose files'}"
+        )
+    num_files = sum(1 for c in classes for f in (class_root / c).rglob("*") if f.is_file() and _visible(f))
+    if num_files == 0:
+        raise DataError(f"the class folders in {source} hold no files")
+    return IngestResult(class_root, source, kind, hflip_ok, classes, num_files)
+
+
+def write_digits(dest: Path) -> int:
+    """scikit-learn's digits (16 grey levels, 8x8) as 8-bit greyscale PNGs, one folder per digit."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    for index, (image, label) in enumerate(zip(pixels, digits.target, strict=True)):
+        folder = dest / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, "L").save(folder / f"digit_{index:04d}.png", format="PNG", optimize=False)
+    return len(pixels)
+
+
+def _cached(home: Path, key: str, build: callable) -> Path:  # type: ignore[valid-type]
+    """Return ``home/sources/key``, building it through a temporary folder if it is not there."""
+    final = home / "sources" / key
+    if (final / ".complete").is_file():
+        return final
+    with atomic_dir(final) as tmp:
+        build(tmp)
+        (tmp / ".complete").write_text("ok\n")
+    return final
+
+
+def _safe_extract(archive: Path, dest: Path) -> None:
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            total = sum(info.file_size for info in zf.infolist())
+            if total > MAX_EXTRACTED_BYTES:
+                raise DataError(f"{archive} would unpack to {total} bytes, over the {MAX_EXTRACTED_BYTES} limit")
+            for info in zf.infolist():
+                target = (dest / info.filename).resolve()
+                if not target.is_relative_to(dest.resolve()):
+                    raise DataError(f"{archive} has an entry outside the archive root: {info.filename!r}")
+            try:
+                zf.extractall(dest)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise DataError(f"{archive} is a damaged zip archive: {exc}") from None
+        return
+    if tarfile.is_tarfile(archive):
+        try:
+            with tarfile.open(archive) as tf:
+                total = sum(m.size for m in tf.getmembers())
+                if total > MAX_EXTRACTED_BYTES:
+                    raise DataError(f"{archive} would unpack to {total} bytes, over the limit")
+                # the 'data' filter refuses absolute paths, '..', links out of the tree and devices
+                tf.extractall(dest, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"{archive} is a damaged tar archive: {exc}") from None
+        return
+    raise DataError(f"{archive} is a file but not a zip or tar(.gz) archive")
+
+
+def _is_archive_name(name: str) -> bool:
+    return name.endswith((".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))
+
+
+def _fetch_url(url: str, home: Path, timeout: float) -> Path:
+    import fsspec
+
+    key = "url-" + hashlib.sha256(url.encode()).hexdigest()[:16]
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **({"timeout": timeout} if url.startswith("http") else {}))
+    except ImportError as exc:
+        raise DataError(f"no fsspec driver for {url}: {exc}") from None
+    except ValueError as exc:
+        raise DataError(f"unsupported URL {url}: {exc}") from None
+    try:
+        is_dir = fs.isdir(path)
+        if not is_dir and not fs.exists(path):
+            raise DataError(f"nothing found at {url}")
+    except DataError:
+        raise
+    except Exception as exc:  # network errors come in many types across fsspec drivers
+        raise DataError(f"could not reach {url}: {type(exc).__name__}: {exc}") from None
+
+    def build(tmp: Path) -> None:
+        try:
+            if is_dir:
+                fs.get(path.rstrip("/") + "/", str(tmp / "data") + "/", recursive=True)
+            else:
+                local = tmp / ("download" + (".zip" if path.endswith(".zip") else ".archive"))
+                fs.get_file(path, str(local))
+                _safe_extract(local, tmp / "data")
+                local.unlink()
+        except DataError:
+            raise
+        except Exception as exc:
+            raise DataError(f"could not download {url}: {type(exc).__name__}: {exc}") from None
+
+    return _cached(home, key, build) / "data"
+
+
+def ingest(
+    source: str,
+    home: Path,
+    synthetic: SyntheticSpec | None = None,
+    hflip: bool | None = None,
+    timeout: float = 30.0,
+) -> IngestResult:
+    """Materialise ``source`` as a local class-folder tree and describe it."""
+    if not source:
+        raise DataError("no data source given")
+    if source == "digits":
+        root = _cached(home, "digits-v1", write_digits)
+        result = _describe(root, source, "digits", hflip_ok=False)
+    elif source == "synthetic":
+        spec = synthetic or SyntheticSpec()
+        key = "synthetic-" + hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:16]
+        root = _cached(home, key, lambda tmp: generate(spec, tmp))
+        result = _describe(root, source, "synthetic", hflip_ok=True)
+    elif "://" in source and not source.startswith("file://"):
+        result = _describe(_fetch_url(source, home, timeout), source, "url", hflip_ok=False)
+    else:
+        local = Path(source.removeprefix("file://")).expanduser()
+        if not local.exists():
+            raise DataError(f"data source not found: {source}")
+        if local.is_dir():
+            if not any(_visible(p) for p in local.iterdir()):
+                raise DataError(f"data source folder is empty: {source}")
+            result = _describe(local.resolve(), source, "folder", hflip_ok=False)
+        else:
+            key = "archive-" + sha256_file(local)[:16]
+
+            def build(tmp: Path) -> None:
+                _safe_extract(local, tmp / "data")
+
+            root = _cached(home, key, build) / "data"
+            result = _describe(root, source, "archive", hflip_ok=False)
+    if hflip is not None:
+        result = IngestResult(result.root, result.source, result.kind, hflip, result.classes, result.num_files)
+    return result
+
+
+def save_result(result: IngestResult, path: Path) -> None:
+    atomic_write_json(path, result.to_dict())
+
+
+def remove_cached(home: Path, key: str) -> None:
+    shutil.rmtree(home / "sources" / key, ignore_errors=True)

@@ -1,0 +1,58 @@
+"""Run an exported model with ONNX Runtime. No torch here: serving and the registry gate use this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from visionloop.errors import ExportError
+from visionloop.fsutil import read_json
+
+INPUT_NAME = "input"
+OUTPUT_NAMES = ("probabilities", "embedding")
+
+
+@dataclass
+class OnnxClassifier:
+    """An ONNX Runtime session plus the model card that says how to feed it."""
+
+    session: object  # onnxruntime.InferenceSession
+    card: dict
+
+    @classmethod
+    def load(cls, onnx_path: Path, card_path: Path, threads: int = 0) -> OnnxClassifier:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            card = read_json(card_path)
+        except Exception as exc:
+            raise ExportError(f"cannot load ONNX model {onnx_path}: {exc}") from None
+        return cls(session, card)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.card["channels"], self.card["image_size"], self.card["image_size"])
+
+    def run(self, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities, embeddings) for uint8 images (N, C, H, W)."""
+        if images.shape[1:] != self.input_shape:
+            raise ExportError(f"images of shape {images.shape[1:]} do not fit the model input {self.input_shape}")
+        probs, embeddings = [], []
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].astype(np.float32) / 255.0
+            p, e = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})  # type: ignore[attr-defined]
+            probs.append(p)
+            embeddings.append(e)
+        if not probs:
+            return np.empty((0, len(self.card["classes"])), np.float32), np.empty((0, 0), np.float32)
+        return np.concatenate(probs), np.concatenate(embeddings)
+
+    def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
+        probs, _ = self.run(images)
+        return float((probs.argmax(axis=1) == labels).mean()) if len(labels) else 0.0
