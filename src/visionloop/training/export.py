@@ -26,7 +26,7 @@ from visionloop.data.preprocess import Dataset
 from visionloop.errors import ExportError
 from visionloop.fsutil import atomic_dir, atomic_write_json
 from visionloop.inference import INPUT_NAME, OUTPUT_NAMES, OnnxClassifier
-from visionloop.training.model import ExportWrapper, count_parameters
+from visionloop.training.model import ExportWrapper, ModelSpec, count_parameters
 from visionloop.training.train import load_model, predict_proba
 
 OPSET = 17
@@ -87,7 +87,7 @@ def model_card(payload: dict, dataset: Dataset, metrics: dict, train_config: dic
         "outputs": {
             OUTPUT_NAMES[0]: {"shape": [-1, len(manifest.classes)], "meaning": "softmax over classes"},
             OUTPUT_NAMES[1]: {
-                "shape": [-1, spec["width"] * 2 ** (spec["depth"] - 1)],
+                "shape": [-1, ModelSpec.from_dict(spec).embedding_dim],
                 "meaning": "penultimate layer",
             },
         },
