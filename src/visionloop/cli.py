@@ -7,17 +7,24 @@ Stages hand over through ``<home>/latest/<stage>.json``, so ``visionloop data in
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from visionloop import __version__
-from visionloop.config import Settings, describe, load_settings
+from visionloop.config import Settings, load_settings
+from visionloop.config import describe as describe_setting
 from visionloop.errors import VisionloopError
+
+# MLflow sets its own loggers to INFO when it is imported, so "Creating initial MLflow database
+# tables..." would land on stderr in front of our output; its own variable keeps it at WARNING.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 console = Console(stderr=False)
 err = Console(stderr=True)
@@ -39,6 +46,12 @@ app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 
 _STATE: dict[str, Any] = {"config": None, "home": None}
+
+
+def describe(dotted: str) -> str:
+    # help texts are rendered as rich markup, which would swallow "[setting …, env …, default …]"
+    return escape(describe_setting(dotted))
+
 
 ConfigOpt = Annotated[
     Path | None,
@@ -295,6 +308,7 @@ def promote_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Quality gate: promote the challenger to `champion` if it clears the floor and beats the champion."""
+    from visionloop import registry
     from visionloop.pipeline import steps
 
     settings = settings_from(
@@ -309,6 +323,8 @@ def promote_cmd(
     prepared = steps.latest(settings.home, "preprocess", steps.PreprocessOutput)
     out = steps.promote_step(version or registered.version, prepared.dataset_dir, settings)
     steps.record(settings.home, "promote", out)
+    # the gate was the last stage of this MLflow run, as in `visionloop run`
+    registry.end_run(registered.run_id, "FINISHED")
     if as_json:
         _print_json(steps.as_json(out))
         return
@@ -465,7 +481,9 @@ def main() -> None:
     try:
         app()
     except VisionloopError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # one line, and the message is text, not markup: a path may contain "[/x]"
+        message = " ".join(str(exc).split())
+        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
 
 

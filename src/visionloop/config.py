@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,7 +23,12 @@ from pydantic_settings import (
 from visionloop.errors import ConfigError
 
 
-class DataSettings(BaseModel):
+class _Group(BaseModel):
+    # a misspelt key (``train.epoch``) in a file, env var or --set is an error, not silently ignored
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSettings(_Group):
     source: str = Field(
         "digits",
         description="Where images come from: 'digits' (built in), 'synthetic', a folder of "
@@ -48,7 +53,7 @@ class DataSettings(BaseModel):
     synthetic_channels: Literal[1, 3] = Field(3, description="Channels of synthetic images.")
 
 
-class ValidationPolicy(BaseModel):
+class ValidationPolicy(_Group):
     max_bad_fraction: float = Field(
         0.05, ge=0, le=1, description="Fail when more than this share of files cannot be decoded."
     )
@@ -61,7 +66,7 @@ class ValidationPolicy(BaseModel):
     )
 
 
-class TrainSettings(BaseModel):
+class TrainSettings(_Group):
     epochs: int = Field(30, ge=1, le=10_000, description="Maximum training epochs.")
     batch_size: int = Field(64, ge=1, le=65_536, description="Images per optimisation step.")
     lr: float = Field(3e-3, gt=0, le=10, description="Peak learning rate (AdamW).")
@@ -77,7 +82,7 @@ class TrainSettings(BaseModel):
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0 uses every core.")
 
 
-class GateSettings(BaseModel):
+class GateSettings(_Group):
     min_accuracy: float = Field(0.9, ge=0, le=1, description="Absolute floor on test accuracy for champion.")
     min_improvement: float = Field(
         0.0,
@@ -91,7 +96,7 @@ class GateSettings(BaseModel):
     )
 
 
-class RegistrySettings(BaseModel):
+class RegistrySettings(_Group):
     model_name: str = Field("visionloop-classifier", description="Registered model name in MLflow.")
     tracking_uri: str = Field(
         "",

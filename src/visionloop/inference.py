@@ -50,7 +50,8 @@ class OnnxClassifier:
             probs.append(p)
             embeddings.append(e)
         if not probs:
-            return np.empty((0, len(self.card["classes"])), np.float32), np.empty((0, 0), np.float32)
+            width = self.session.get_outputs()[1].shape[1]  # type: ignore[attr-defined]
+            return np.empty((0, len(self.card["classes"])), np.float32), np.empty((0, width), np.float32)
         return np.concatenate(probs), np.concatenate(embeddings)
 
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:

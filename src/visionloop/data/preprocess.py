@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -196,7 +198,8 @@ def load_dataset(path: Path) -> Dataset:
             dataset = Dataset(manifest, npz["images"], npz["labels"], npz["split"], npz["hashes"])
     except FileNotFoundError:
         raise DataError(f"no dataset at {path} (run `visionloop data preprocess` first)") from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    # a cut-short or bit-flipped data.npz fails inside zipfile with BadZipFile (not an OSError)
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DataError(f"dataset at {path} is damaged: {exc}") from None
     expected = (len(dataset.labels), manifest.channels, manifest.image_size, manifest.image_size)
     if dataset.images.shape != expected or len(dataset.split) != len(dataset.labels):

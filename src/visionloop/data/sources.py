@@ -19,6 +19,7 @@ import json
 import shutil
 import tarfile
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,18 +109,20 @@ def _cached(home: Path, key: str, build: callable) -> Path:  # type: ignore[vali
 
 def _safe_extract(archive: Path, dest: Path) -> None:
     if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            total = sum(info.file_size for info in zf.infolist())
-            if total > MAX_EXTRACTED_BYTES:
-                raise DataError(f"{archive} would unpack to {total} bytes, over the {MAX_EXTRACTED_BYTES} limit")
-            for info in zf.infolist():
-                target = (dest / info.filename).resolve()
-                if not target.is_relative_to(dest.resolve()):
-                    raise DataError(f"{archive} has an entry outside the archive root: {info.filename!r}")
-            try:
+        try:
+            with zipfile.ZipFile(archive) as zf:
+                total = sum(info.file_size for info in zf.infolist())
+                if total > MAX_EXTRACTED_BYTES:
+                    raise DataError(f"{archive} would unpack to {total} bytes, over the {MAX_EXTRACTED_BYTES} limit")
+                for info in zf.infolist():
+                    target = (dest / info.filename).resolve()
+                    if not target.is_relative_to(dest.resolve()):
+                        raise DataError(f"{archive} has an entry outside the archive root: {info.filename!r}")
                 zf.extractall(dest)
-            except (zipfile.BadZipFile, OSError, EOFError) as exc:
-                raise DataError(f"{archive} is a damaged zip archive: {exc}") from None
+        # a damaged central directory fails in ZipFile(), damaged deflate data raises zlib.error,
+        # an encrypted or unsupported entry raises RuntimeError (NotImplementedError)
+        except (zipfile.BadZipFile, zlib.error, RuntimeError, OSError, EOFError) as exc:
+            raise DataError(f"{archive} is a damaged or unsupported zip archive: {exc}") from None
         return
     if tarfile.is_tarfile(archive):
         try:
@@ -127,9 +130,15 @@ def _safe_extract(archive: Path, dest: Path) -> None:
                 total = sum(m.size for m in tf.getmembers())
                 if total > MAX_EXTRACTED_BYTES:
                     raise DataError(f"{archive} would unpack to {total} bytes, over the limit")
+                # tarfile stops quietly at a bad header after the first one; a whole archive ends in
+                # zero blocks only (reading to the end also checks the gzip/bz2/xz stream's CRC)
+                tf.fileobj.seek(tf.offset)
+                while block := tf.fileobj.read(1 << 20):
+                    if block.strip(b"\0"):
+                        raise DataError(f"{archive} is a damaged tar archive: unreadable data after byte {tf.offset}")
                 # the 'data' filter refuses absolute paths, '..', links out of the tree and devices
                 tf.extractall(dest, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise DataError(f"{archive} is a damaged tar archive: {exc}") from None
         return
     raise DataError(f"{archive} is a file but not a zip or tar(.gz) archive")

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from visionloop.config import ValidationPolicy
+from visionloop.data.sources import _visible
 from visionloop.errors import DataError
 from visionloop.fsutil import atomic_dir, atomic_write_json, read_json, sha256_bytes
 
@@ -91,12 +92,13 @@ def inspect_file(path: Path, max_pixels: int) -> tuple[str, int, int, str]:
 
 def validate(root: Path, policy: ValidationPolicy) -> ValidationReport:
     """Inspect every file under ``root/<class>/``; never raises for bad data, the report says."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    stray = sorted(str(p.relative_to(root)) for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    # the same rule as ingest: hidden names and OS metadata (__MACOSX, Thumbs.db) are not data
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
+    stray = sorted(str(p.relative_to(root)) for p in root.iterdir() if p.is_file() and _visible(p))
     candidates: list[tuple[str, Path]] = []
     for label in classes:
         for path in sorted((root / label).rglob("*")):
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts):
+            if path.is_file() and all(_visible(Path(part)) for part in path.relative_to(root).parts):
                 candidates.append((label, path))
 
     bad: dict[str, str] = {}

@@ -5,7 +5,8 @@
   the model runs channels_last under bf16 autocast, optionally ``torch.compile``d.
 - AdamW, label smoothing, one-cycle or warmup+cosine schedule, early stopping on val accuracy.
 - A checkpoint after every epoch (``last.pt``, written atomically) holds model, optimiser,
-  schedule, RNG states and history, so ``resume=True`` continues an interrupted run exactly.
+  schedule, RNG states and history, so ``resume=True`` continues an interrupted run exactly
+  (and refuses to, with a TrainingError, under other epochs, batch size, lr or schedule).
 - On CPU a fixed seed gives the same weights run after run.
 
 MLflow is not imported here: the caller passes ``on_epoch`` to log metrics wherever it wants.
@@ -34,6 +35,10 @@ from visionloop.training.augment import augment
 from visionloop.training.model import ModelSpec, ResidualCNN, auto_size
 
 EpochCallback = Callable[[int, dict[str, float]], None]
+
+# Settings that shape the optimisation trajectory (and the schedule's length): a resume under other
+# values could not continue the run exactly, and OneCycleLR would fail past its stored total steps.
+RESUME_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "label_smoothing", "schedule", "seed")
 
 
 @dataclass
@@ -187,6 +192,17 @@ def train(
                 f"checkpoint {last_path} belongs to another dataset or model shape "
                 f"({ckpt['dataset_version']} vs {manifest.version}); train without --resume"
             )
+        trained_with = ckpt.get("train_settings", {})
+        changed = [
+            f"{k}={trained_with[k]!r}"
+            for k in RESUME_KEYS
+            if k in trained_with and trained_with[k] != getattr(settings, k)
+        ]
+        if changed:
+            raise TrainingError(
+                f"checkpoint {last_path} was trained with {', '.join(changed)}; resume with the same "
+                "training settings, or train without --resume"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -275,6 +291,7 @@ def train(
                     "history": history,
                     "spec": spec.to_dict(),
                     "dataset_version": manifest.version,
+                    "train_settings": {k: getattr(settings, k) for k in RESUME_KEYS},
                 },
             )
             if on_epoch is not None:

@@ -1,0 +1,67 @@
+"""Generic fixtures shared by every test suite: real files in ``tmp_path``, nothing mocked.
+
+- ``tmp_home``: an empty visionloop home folder (``<tmp_path>/home``), for ``Settings.home`` / ``ingest``.
+- ``write_png``: ``write_png(path, size=16, mode="RGB", seed=0) -> Path`` writes a noise PNG
+  (``size`` an int or (width, height); ``mode`` L, RGB or RGBA) whose pixels depend on ``seed``
+  (an int or a sequence of ints), so different seeds never give accidental duplicates.
+- ``make_image_folder``: ``make_image_folder(root=None, classes=("a", "b"), per_class=6, size=16,
+  mode="RGB", seed=0) -> Path`` writes ``root/<class>/<class>_<i>.png`` with unique images and
+  returns ``root`` (default: a fresh folder under ``tmp_path``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_noise_png(
+    path: Path, size: int | tuple[int, int] = 16, mode: str = "RGB", seed: int | Sequence[int] = 0
+) -> Path:
+    """Write a PNG of random pixels (``mode`` in L, RGB, RGBA) to ``path``; return ``path``."""
+    width, height = (size, size) if isinstance(size, int) else size
+    bands = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(height, width, bands), dtype=np.uint8)
+    image = Image.fromarray(pixels[..., 0] if bands == 1 else pixels)  # mode follows the band count
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
+
+
+@pytest.fixture
+def tmp_home(tmp_path: Path) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    return home
+
+
+@pytest.fixture
+def write_png() -> Callable[..., Path]:
+    return write_noise_png
+
+
+@pytest.fixture
+def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
+    counter = itertools.count()
+
+    def make(
+        root: Path | None = None,
+        classes: Sequence[str] = ("a", "b"),
+        per_class: int = 6,
+        size: int = 16,
+        mode: str = "RGB",
+        seed: int = 0,
+    ) -> Path:
+        root = root if root is not None else tmp_path / f"images{next(counter)}"
+        for c, name in enumerate(classes):
+            for i in range(per_class):
+                write_noise_png(root / name / f"{name}_{i:03d}.png", size, mode, seed=[seed, c, i])
+        return root
+
+    return make
