@@ -308,7 +308,6 @@ def promote_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Quality gate: promote the challenger to `champion` if it clears the floor and beats the champion."""
-    from visionloop import registry
     from visionloop.pipeline import steps
 
     settings = settings_from(
@@ -323,8 +322,6 @@ def promote_cmd(
     prepared = steps.latest(settings.home, "preprocess", steps.PreprocessOutput)
     out = steps.promote_step(version or registered.version, prepared.dataset_dir, settings)
     steps.record(settings.home, "promote", out)
-    # the gate was the last stage of this MLflow run, as in `visionloop run`
-    registry.end_run(registered.run_id, "FINISHED")
     if as_json:
         _print_json(steps.as_json(out))
         return

@@ -23,6 +23,7 @@ import pytest
 _SCRIPT = Path(sys.executable).with_name("visionloop")
 COMMAND = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "visionloop.cli"]
 
+
 def _restore_sigint() -> None:
     # a child of a non-interactive shell may inherit SIGINT ignored; Python then never raises
     # KeyboardInterrupt, so give the command the default disposition, as a terminal would
