@@ -7,7 +7,6 @@ Stages hand over through ``<home>/latest/<stage>.json``, so ``visionloop data in
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,21 +21,19 @@ from visionloop.config import Settings, load_settings
 from visionloop.config import describe as describe_setting
 from visionloop.errors import VisionloopError
 
-# MLflow sets its own loggers to INFO when it is imported, so "Creating initial MLflow database
-# tables..." would land on stderr in front of our output; its own variable keeps it at WARNING.
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-
-console = Console(stderr=False)
-err = Console(stderr=True)
+# soft_wrap: long paths and commands stay on one line when output goes to a file or a pipe
+console = Console(stderr=False, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 HELP = """visionloop — the production loop of an image classifier, end to end.
 
-  data source → ingest → validate → preprocess → train → evaluate → export (ONNX)
-              → register (MLflow) → quality gate → alias `champion`
+ingest → validate → preprocess → train → evaluate → export (ONNX) → register (MLflow) → gate → champion
 
-Start with `visionloop run` (the built-in digits), then look around with
-`visionloop models list` and `visionloop models history`. Every option can also be set in a YAML
-file (--config) or as VISIONLOOP_<GROUP>__<KEY> in the environment; flags win over both.
+Start with [bold]visionloop run[/] (the built-in digits), then look around with
+[bold]visionloop models list[/] and [bold]visionloop models history[/].
+
+Every option is also a setting: in a YAML file (--config), as VISIONLOOP_<GROUP>__<KEY> in the
+environment, or as --set group.key=value. Flags win over the environment, which wins over the file.
 """
 
 app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich")
@@ -474,14 +471,27 @@ def models_rollback(
         console.print(f"champion rolled back: v{event.from_version} → v{event.to_version}")
 
 
+def _fail(message: str, code: int) -> None:
+    # one line, and the message is text, not markup: a path may contain "[/x]"
+    err.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
     try:
-        app()
+        result = app(standalone_mode=False)
     except VisionloopError as exc:
-        # one line, and the message is text, not markup: a path may contain "[/x]"
-        message = " ".join(str(exc).split())
-        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
+        _fail(str(exc), exc.exit_code)
+    except typer.Abort:
+        _fail("aborted", 130)
+    except typer.TyperException as exc:  # typer's own click: usage errors, bad option values
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())  # a bare group teaches instead of scolding
+            sys.exit(0)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(exc.format_message() + hint, getattr(exc, "exit_code", 2))
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

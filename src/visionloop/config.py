@@ -108,8 +108,10 @@ class RegistrySettings(_Group):
     @field_validator("model_name")
     @classmethod
     def _name_ok(cls, value: str) -> str:
-        if not value or any(c in value for c in "/:@ ") or len(value) > 200:
-            raise ValueError("must be non-empty, at most 200 chars, without '/', ':', '@' or spaces")
+        if not value or any(c in value for c in "/:@ '\"\\") or len(value) > 200:
+            raise ValueError(
+                "must be non-empty, at most 200 chars, without '/', ':', '@', quotes, backslashes or spaces"
+            )
         return value
 
 
@@ -229,4 +231,5 @@ def describe(dotted: str) -> str:
         model = model.model_fields[part].annotation
     field = model.model_fields[leaf]
     env = "VISIONLOOP_" + "__".join(p.upper() for p in dotted.split("."))
-    return f"{field.description} [setting {dotted}, env {env}, default {field.default!r}]"
+    shown = str(field.default) if isinstance(field.default, Path) else repr(field.default)
+    return f"{field.description} [setting {dotted}, env {env}, default {shown}]"

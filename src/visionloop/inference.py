@@ -41,7 +41,9 @@ class OnnxClassifier:
 
     def run(self, images: np.ndarray, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, embeddings) for uint8 images (N, C, H, W)."""
-        if images.shape[1:] != self.input_shape:
+        if images.dtype != np.uint8:
+            raise ExportError(f"images must be uint8 pixels (0-255), got {images.dtype}")
+        if images.ndim != 4 or images.shape[1:] != self.input_shape:
             raise ExportError(f"images of shape {images.shape[1:]} do not fit the model input {self.input_shape}")
         probs, embeddings = [], []
         for start in range(0, len(images), batch_size):

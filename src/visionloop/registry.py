@@ -12,9 +12,10 @@ stores, so ``models history`` and ``models rollback`` work against a shared serv
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import json
-import logging
 import os
 import tempfile
 import warnings
@@ -37,8 +38,8 @@ EVENT_PREFIX = "visionloop.alias_event."
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow's INFO lines ("Creating initial MLflow database tables", "Created version 2") would bury
-# our own output; warnings and errors still come through.
-logging.getLogger("mlflow").setLevel(logging.WARNING)
+# our own output; warnings and errors still come through. MLflow reads this when it is imported.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 @dataclass
@@ -132,6 +133,10 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     _mlflow().MlflowClient().log_batch(run_id, metrics=clean)
 
 
+def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    _mlflow().MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
 def log_artifacts(run_id: str, folder: Path, artifact_path: str | None = None) -> None:
     _mlflow().MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
 
@@ -143,17 +148,29 @@ def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
-    _mlflow().MlflowClient().set_terminated(run_id, status)
+    set_run_status(run_id, status)
 
 
 def log_dataset_input(run_id: str, images: np.ndarray, labels: np.ndarray, version: str, source: str) -> None:
     """Record the dataset version as the run's input (MLflow lineage: Datasets used)."""
+    from mlflow.entities import DatasetInput, InputTag
+
     mlflow = _mlflow()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "source can be interpreted in multiple ways": it is a label
         dataset = mlflow.data.from_numpy(images, targets=labels, source=source, name=version, digest=version)
-    with active_run(run_id):
-        mlflow.log_input(dataset, context="training")
+    # through the client, not mlflow.log_input: re-opening the run would mark it FINISHED mid-training
+    entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])
+    mlflow.MlflowClient().log_inputs(run_id, datasets=[entity])
+
+
+def set_run_status(run_id: str, status: str) -> None:
+    """RUNNING again on resume; FAILED / KILLED when a step stops early."""
+    client = _mlflow().MlflowClient()
+    if status == "RUNNING":
+        client.update_run(run_id, status="RUNNING")
+    else:
+        client.set_terminated(run_id, status)
 
 
 def register_onnx(
@@ -193,7 +210,9 @@ def register_onnx(
                 save_as_external_data=False,
                 metadata={"dataset_version": card["dataset"]["version"], "classes": card["classes"]},
             )
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
+        # register_model prints "Successfully registered model ..." straight to stderr; our CLI says it better
+        with contextlib.redirect_stderr(io.StringIO()):
+            version = mlflow.register_model(info.model_uri, name, tags=tags)
         client.set_registered_model_alias(name, CHALLENGER, version.version)
     except RegistryError:
         raise
@@ -212,10 +231,15 @@ def _download(name: str, ref: str, dest: Path) -> Path:
 
 
 def load_classifier(settings: Settings, ref: str, dest: Path | None = None) -> OnnxClassifier:
-    """Load a registered version (number) or alias as an ONNX Runtime classifier."""
+    """Load a registered version (number) or alias as an ONNX Runtime classifier.
+
+    The session holds the model in memory, so without ``dest`` the download is removed afterwards."""
     connect(settings)
-    folder = _download(settings.registry.model_name, ref, dest or Path(tempfile.mkdtemp(prefix="visionloop-")))
-    return OnnxClassifier.load(folder / "model.onnx", folder / "extra_files" / "model_card.json")
+    if dest is not None:
+        folder = _download(settings.registry.model_name, ref, dest)
+        return OnnxClassifier.load(folder / "model.onnx", folder / "extra_files" / "model_card.json")
+    with tempfile.TemporaryDirectory(prefix="visionloop-model-") as tmp:
+        return load_classifier(settings, ref, Path(tmp))
 
 
 def alias_version(settings: Settings, alias: str) -> str | None:

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import tarfile
 import zipfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -138,20 +138,33 @@ def _safe_extract(archive: Path, dest: Path) -> None:
                         raise DataError(f"{archive} is a damaged tar archive: unreadable data after byte {tf.offset}")
                 # the 'data' filter refuses absolute paths, '..', links out of the tree and devices
                 tf.extractall(dest, filter="data")
+        except tarfile.FilterError as exc:
+            raise DataError(f"{archive} has an unsafe entry, refused: {exc}") from None
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise DataError(f"{archive} is a damaged tar archive: {exc}") from None
         return
     raise DataError(f"{archive} is a file but not a zip or tar(.gz) archive")
 
 
-def _is_archive_name(name: str) -> bool:
-    return name.endswith((".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz"))
+def _fingerprint(fs: Any, path: str, is_dir: bool) -> str:
+    """Size and version markers of a remote file or of every file under a remote folder."""
+
+    def marker(info: dict) -> str:
+        for field in ("ETag", "etag", "md5", "mtime", "LastModified", "last_modified", "updated"):
+            if info.get(field):
+                return str(info[field])
+        return ""
+
+    try:
+        infos = fs.find(path, detail=True) if is_dir else {path: fs.info(path)}
+    except Exception as exc:
+        raise DataError(f"could not list {path}: {type(exc).__name__}: {exc}") from None
+    return json.dumps(sorted((name, info.get("size"), marker(info)) for name, info in infos.items()), default=str)
 
 
 def _fetch_url(url: str, home: Path, timeout: float) -> Path:
     import fsspec
 
-    key = "url-" + hashlib.sha256(url.encode()).hexdigest()[:16]
     try:
         fs, path = fsspec.core.url_to_fs(url, **({"timeout": timeout} if url.startswith("http") else {}))
     except ImportError as exc:
@@ -166,6 +179,8 @@ def _fetch_url(url: str, home: Path, timeout: float) -> Path:
         raise
     except Exception as exc:  # network errors come in many types across fsspec drivers
         raise DataError(f"could not reach {url}: {type(exc).__name__}: {exc}") from None
+    # the cache key follows the remote content: a changed object (size, mtime, ETag) is fetched again
+    key = "url-" + hashlib.sha256((url + _fingerprint(fs, path, is_dir)).encode()).hexdigest()[:16]
 
     def build(tmp: Path) -> None:
         try:
@@ -227,7 +242,3 @@ def ingest(
 
 def save_result(result: IngestResult, path: Path) -> None:
     atomic_write_json(path, result.to_dict())
-
-
-def remove_cached(home: Path, key: str) -> None:
-    shutil.rmtree(home / "sources" / key, ignore_errors=True)

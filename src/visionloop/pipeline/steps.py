@@ -230,6 +230,7 @@ def train_step(
     else:
         registry.connect(settings)
         run_id = resume_run_id
+        registry.set_run_status(run_id, "RUNNING")
     atomic_write_json(
         settings.home / "latest" / "train_started.json",
         {"run_id": run_id, "work_dir": str(work_dir), "dataset_dir": str(dataset_dir)},
@@ -239,15 +240,22 @@ def train_step(
         registry.log_metrics(run_id, metrics, step=epoch)
 
     hflip = manifest.hflip_ok if settings.data.hflip is None else settings.data.hflip
-    result = train(
-        dataset,
-        work_dir / "train",
-        settings.train,
-        hflip=hflip,
-        resume=resume_run_id is not None,
-        on_epoch=on_epoch,
-        show_progress=show_progress,
-    )
+    try:
+        result = train(
+            dataset,
+            work_dir / "train",
+            settings.train,
+            hflip=hflip,
+            resume=resume_run_id is not None,
+            on_epoch=on_epoch,
+            show_progress=show_progress,
+        )
+    except KeyboardInterrupt:
+        registry.set_run_status(run_id, "KILLED")  # `train --resume` sets it RUNNING again
+        raise
+    except BaseException:
+        registry.set_run_status(run_id, "FAILED")
+        raise
     model, _ = load_model(result.model_path)
     parameters = count_parameters(model)
     if resume_run_id is None:
@@ -271,8 +279,12 @@ def train_step(
     )
     from visionloop.training.evaluate import plot_history
 
-    plot_history(result.history, work_dir / "train" / "training_curves.png")
-    registry.log_artifacts(run_id, work_dir / "train", "training")
+    curves = work_dir / "train" / "training_curves.png"
+    plot_history(result.history, curves)
+    atomic_write_json(work_dir / "train" / "history.json", result.history)
+    # checkpoints stay on disk; the weights travel with the registered model
+    registry.log_artifact(run_id, curves, "training")
+    registry.log_artifact(run_id, work_dir / "train" / "history.json", "training")
     return TrainOutput(
         model_path=result.model_path,
         run_id=run_id,

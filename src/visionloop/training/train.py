@@ -276,6 +276,8 @@ def train(
             if val_acc > best_acc:
                 best_acc, best_epoch = val_acc, epoch + 1
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if on_epoch is not None:  # before the checkpoint: an epoch is never saved but unlogged
+                on_epoch(epoch + 1, metrics)
             _checkpoint(
                 last_path,
                 {
@@ -294,8 +296,6 @@ def train(
                     "train_settings": {k: getattr(settings, k) for k in RESUME_KEYS},
                 },
             )
-            if on_epoch is not None:
-                on_epoch(epoch + 1, metrics)
             progress.update(task, advance=1, status=f"loss {metrics['train_loss']:.3f}  val acc {val_acc:.4f}")
 
     assert best_state is not None  # at least one epoch ran, or resume restored one

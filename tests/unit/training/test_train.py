@@ -98,8 +98,10 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_run(tiny_dataset, 
         on_epoch=lambda epoch, _: epochs_seen.append(epoch),
         show_progress=False,
     )
-    assert resumed.resumed_from_epoch == 2
-    assert epochs_seen == [3, 4]
+    # on_epoch runs before the epoch's checkpoint, so an epoch whose logging was interrupted is
+    # trained (and logged) again: nothing is ever checkpointed but unlogged
+    assert resumed.resumed_from_epoch == 1
+    assert epochs_seen == [2, 3, 4]
     assert resumed.epochs_run == 4
     assert resumed.best_epoch == straight.best_epoch
     assert resumed.best_val_accuracy == straight.best_val_accuracy
@@ -200,10 +202,16 @@ def test_early_stopping_when_val_accuracy_cannot_improve(tiny_dataset, tiny_sett
     out_dir = tmp_path / "run"
     weights_after: dict[int, dict[str, torch.Tensor]] = {}
 
+    def last_checkpoint() -> dict[str, torch.Tensor]:
+        return torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
+
     def keep_weights(epoch: int, _metrics: dict[str, float]) -> None:
-        weights_after[epoch] = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
+        # on_epoch runs before epoch `epoch` is checkpointed: last.pt still holds the epoch before
+        if epoch > 1:
+            weights_after[epoch - 1] = last_checkpoint()
 
     result = train(frozen_val, out_dir, tiny_settings(epochs=6, patience=1), on_epoch=keep_weights, show_progress=False)
+    weights_after[result.epochs_run] = last_checkpoint()
     assert result.stopped_early
     assert result.epochs_run == 2 < 6
     assert result.best_epoch == 1
