@@ -28,6 +28,7 @@ from sklearn.model_selection import train_test_split
 from visionloop.data.validate import ValidationReport
 from visionloop.errors import DataError
 from visionloop.fsutil import atomic_dir, atomic_write_json, read_json
+from visionloop.progress import progress
 
 SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1
@@ -141,6 +142,7 @@ def preprocess(
     datasets_dir: Path,
     source: str = "",
     hflip_ok: bool = False,
+    show_progress: bool = False,
 ) -> Path:
     """Build (or reuse) the dataset version for ``report``; returns its folder."""
     if not report.passed:
@@ -155,7 +157,7 @@ def preprocess(
     classes = report.classes
     label_of = {name: i for i, name in enumerate(classes)}
     images = np.empty((len(report.files), channels, image_size, image_size), dtype=np.uint8)
-    for i, record in enumerate(report.files):
+    for i, record in enumerate(progress(report.files, f"preprocess {len(report.files)} images", show_progress)):
         try:
             images[i] = load_image(root / record.path, image_size, channels)
         except (OSError, ValueError) as exc:

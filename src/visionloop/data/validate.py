@@ -21,6 +21,7 @@ from visionloop.config import ValidationPolicy
 from visionloop.data.sources import _visible
 from visionloop.errors import DataError
 from visionloop.fsutil import atomic_dir, atomic_write_json, read_json, sha256_bytes
+from visionloop.progress import progress
 
 
 @dataclass
@@ -90,7 +91,7 @@ def inspect_file(path: Path, max_pixels: int) -> tuple[str, int, int, str]:
     return mode, width, height, sha256_bytes(data)
 
 
-def validate(root: Path, policy: ValidationPolicy) -> ValidationReport:
+def validate(root: Path, policy: ValidationPolicy, show_progress: bool = False) -> ValidationReport:
     """Inspect every file under ``root/<class>/``; never raises for bad data, the report says."""
     # the same rule as ingest: hidden names and OS metadata (__MACOSX, Thumbs.db) are not data
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
@@ -107,7 +108,7 @@ def validate(root: Path, policy: ValidationPolicy) -> ValidationReport:
     previous_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = policy.max_pixels
     try:
-        for label, path in candidates:
+        for label, path in progress(candidates, f"validate {len(candidates)} files", show_progress):
             rel = str(path.relative_to(root))
             try:
                 mode, width, height, digest = inspect_file(path, policy.max_pixels)

@@ -55,8 +55,10 @@ def run_pipeline(settings: Settings, show_progress: bool = True, on_stage: Stage
         return out
 
     ingested = stage("ingest", steps.ingest_step, settings)
-    validated = stage("validate", steps.validate_step, ingested, settings)
-    prepared = stage("preprocess", steps.preprocess_step, validated.report_path, ingested, settings)
+    validated = stage("validate", steps.validate_step, ingested, settings, show_progress=show_progress)
+    prepared = stage(
+        "preprocess", steps.preprocess_step, validated.report_path, ingested, settings, show_progress=show_progress
+    )
     work_dir = steps.new_work_dir(settings.home)
     trained = stage("train", steps.train_step, prepared.dataset_dir, settings, work_dir, show_progress=show_progress)
     try:

@@ -158,8 +158,8 @@ def ingest_step(settings: Settings) -> IngestResult:
     return ingest(data.source, settings.home, synthetic=spec, hflip=data.hflip)
 
 
-def validate_step(ingested: IngestResult, settings: Settings) -> ValidateOutput:
-    report = validate(ingested.root, settings.validation)
+def validate_step(ingested: IngestResult, settings: Settings, show_progress: bool = False) -> ValidateOutput:
+    report = validate(ingested.root, settings.validation, show_progress=show_progress)
     key = hashlib.sha256(str(ingested.root).encode()).hexdigest()[:12]
     report_path = write_report(report, settings.home / "reports" / key)
     out = ValidateOutput(
@@ -176,7 +176,9 @@ def validate_step(ingested: IngestResult, settings: Settings) -> ValidateOutput:
     return out
 
 
-def preprocess_step(report_path: Path, ingested: IngestResult, settings: Settings) -> PreprocessOutput:
+def preprocess_step(
+    report_path: Path, ingested: IngestResult, settings: Settings, show_progress: bool = False
+) -> PreprocessOutput:
     report: ValidationReport = load_report(report_path)
     params = PreprocessParams(
         image_size=settings.data.image_size,
@@ -185,7 +187,14 @@ def preprocess_step(report_path: Path, ingested: IngestResult, settings: Setting
         test_fraction=settings.data.test_fraction,
         seed=settings.data.split_seed,
     )
-    folder = preprocess(report, params, settings.home / "datasets", source=ingested.source, hflip_ok=ingested.hflip_ok)
+    folder = preprocess(
+        report,
+        params,
+        settings.home / "datasets",
+        source=ingested.source,
+        hflip_ok=ingested.hflip_ok,
+        show_progress=show_progress,
+    )
     manifest = load_dataset(folder).manifest
     counts = {split: sum(per_class.values()) for split, per_class in manifest.counts.items()}
     return PreprocessOutput(folder, manifest.version, manifest.image_size, manifest.channels, counts, manifest.hflip_ok)

@@ -235,6 +235,16 @@ def test_http_url_of_a_zip_archive(http_root, make_image_folder, tmp_home):
     assert marker.is_file()  # the second ingest of the same URL came from the cache
 
 
+def test_http_url_whose_content_changed_is_fetched_again(http_root, make_image_folder, tmp_home):
+    folder, base = http_root
+    zip_folder(make_image_folder(classes=("ham", "spam"), per_class=3), folder / "data.zip")
+    first = ingest(f"{base}/data.zip", tmp_home, timeout=10)
+    zip_folder(make_image_folder(classes=("ham", "spam", "eggs"), per_class=4), folder / "data.zip")
+    second = ingest(f"{base}/data.zip", tmp_home, timeout=10)
+    assert second.root != first.root
+    assert (second.classes, second.num_files) == (["eggs", "ham", "spam"], 12)
+
+
 def test_http_url_that_404s(http_root, tmp_home):
     _folder, base = http_root
     with pytest.raises(DataError, match=r"nothing found at http://127\.0\.0\.1:\d+/missing\.zip"):
