@@ -39,6 +39,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from _common import print_load  # benchmarks/ is on sys.path when a script runs
 from visionloop.config import load_settings
 from visionloop.pipeline.runner import RunSummary, run_pipeline
 
@@ -239,13 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{stage - loop:.2f} s around them (validation, checkpoints, MLflow logging, plots, first-use imports)"
         )
 
-    load_end = os.getloadavg()
-    busy = load_start[0] > 0.5  # before our own work started: someone else was using the cores
-    console.print(
-        f"load average (1 min): {load_start[0]:.2f} before this started, {load_end[0]:.2f} at the end "
-        f"(ours included), {os.cpu_count()} logical cores"
-        + ("  [yellow]— other processes were running: expect noisy figures[/]" if busy else "")
-    )
+    load_end = print_load(console, load_start)
     if len(runs) >= 2:
         second = runs[1]
         ratio = first["wall_seconds"] / second["wall_seconds"]

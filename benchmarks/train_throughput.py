@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from _common import print_load  # benchmarks/ is on sys.path when a script runs
 from visionloop.config import TrainSettings
 from visionloop.data.preprocess import Dataset, DatasetManifest
 from visionloop.data.synthetic import SHAPES, SyntheticSpec, make_arrays
@@ -414,13 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         console.print("model GFLOP/s = 3 x forward FLOPs x steady img/s; no MFU on CPU (no peak table)")
 
-    load_end = os.getloadavg()
-    busy = load_start[0] > 0.5  # before our own work started: someone else was using the cores
-    console.print(
-        f"load average (1 min): {load_start[0]:.2f} before this started, {load_end[0]:.2f} at the end "
-        f"(ours included), {os.cpu_count()} logical cores"
-        + ("  [yellow]— other processes were running: expect noisy figures[/]" if busy else "")
-    )
+    load_end = print_load(console, load_start)
     ratios: dict[str, Any] = {}
     default = best["train()"]
     base = next((best[name] for name in best if name.startswith("baseline")), None)

@@ -337,22 +337,26 @@ def promote_cmd(
 
 def summary_table(summary: Any) -> Table:
     table = Table(title="visionloop run", show_header=False, title_justify="left")
-    table.add_column(style="bold")
+    table.add_column(style="bold", no_wrap=True)
     table.add_column()
-    table.add_row("dataset version", f"{summary.dataset_version}  ({summary.source}: {summary.images})")
+    images = " · ".join(f"{split} {summary.images[split]}" for split in ("train", "val", "test"))
+    table.add_row("dataset version", summary.dataset_version)
+    table.add_row("images", f"{images}  ({escape(summary.source)})")
     table.add_row("CNN test accuracy", f"{summary.test_accuracy:.4f}")
     table.add_row(f"baseline ({summary.baseline_name})", f"{summary.baseline_accuracy:.4f}  (same split, same run)")
     table.add_row("model", f"{summary.model_name} v{summary.model_version}")
     table.add_row("aliases", ", ".join(summary.aliases) or "-")
-    table.add_row("gate", ("promoted: " if summary.promoted else "not promoted: ") + "; ".join(summary.gate_reasons))
+    verdict = "[green]promoted[/]" if summary.promoted else "[yellow]not promoted[/]"
+    table.add_row("gate", "\n".join([verdict, *(f"- {escape(r)}" for r in summary.gate_reasons)]))
     table.add_row("champion now", f"v{summary.champion_version}" if summary.champion_version else "none")
     table.add_row("trained on", f"{summary.device}, {summary.epochs_run} epochs")
-    table.add_row(
-        "time",
-        f"{summary.total_seconds:.1f} s  " + "  ".join(f"{k} {v:.1f}" for k, v in summary.stage_seconds.items()),
-    )
+    table.add_row("time", f"{summary.total_seconds:.1f} s (train {summary.stage_seconds.get('train', 0):.1f} s)")
     table.add_row("MLflow run", summary.run_id)
     return table
+
+
+NEXT_STEPS = """next: visionloop models list · visionloop models history · visionloop run --help
+      mlflow ui --backend-store-uri {uri}"""
 
 
 @app.command("run")
@@ -405,6 +409,10 @@ def run_cmd(
         print(json.dumps(result, default=str))
     else:
         console.print(summary_table(summary))
+        uri = settings.tracking_uri
+        err.print(
+            NEXT_STEPS.format(uri=uri) if uri.startswith("sqlite") else NEXT_STEPS.splitlines()[0], highlight=False
+        )
 
 
 # ------------------------------------------------------------------------------------------ models
