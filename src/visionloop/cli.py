@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -418,6 +419,11 @@ def run_cmd(
 # ------------------------------------------------------------------------------------------ models
 
 
+def _short_time(iso: str) -> str:
+    """'2026-11-26T12:07:31+00:00' -> '2026-11-26 12:07' (UTC): the tables keep full ISO in --json."""
+    return iso.replace("T", " ")[:16]
+
+
 @models_app.command("list")
 def models_list(model_name: NameOpt = None, sets: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Every registered version with its aliases, dataset version, test accuracy and gate decision."""
@@ -429,17 +435,17 @@ def models_list(model_name: NameOpt = None, sets: SetOpt = None, as_json: JsonOp
         _print_json(rows)
         return
     table = Table(title=f"{settings.registry.model_name} ({settings.tracking_uri})", title_justify="left")
-    for column in ("version", "aliases", "created", "dataset", "test acc", "gate", "run"):
-        table.add_column(column)
+    table.box = box.SIMPLE_HEAD  # fits 80 columns; `--json` has every field, run ids included
+    for column in ("v", "aliases", "created (UTC)", "dataset", "test acc", "gate"):
+        table.add_column(column, no_wrap=True)
     for row in rows:
         table.add_row(
             row["version"],
             ", ".join(row["aliases"]),
-            row["created"],
+            _short_time(row["created"]),
             row["dataset_version"],
-            row["test_accuracy"],
+            f"{float(row['test_accuracy']):.4f}" if row["test_accuracy"] else "",
             row["gate"],
-            row["run_id"][:8],
         )
     console.print(table)
 
@@ -456,13 +462,13 @@ def models_history(model_name: NameOpt = None, sets: SetOpt = None, as_json: Jso
     if as_json:
         _print_json([asdict(e) for e in events])
         return
-    table = Table(title=f"alias history of {settings.registry.model_name}", title_justify="left")
+    table = Table(title=f"alias history of {settings.registry.model_name}", title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("#", "time", "alias", "from", "to", "kind", "reason"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column != "reason")
     for e in events:
         table.add_row(
             str(e.seq),
-            e.time,
+            _short_time(e.time),
             e.alias,
             f"v{e.from_version}" if e.from_version else "-",
             f"v{e.to_version}",

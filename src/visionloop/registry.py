@@ -304,7 +304,8 @@ def decide(
         ]
     return False, [
         *reasons,
-        f"does not beat champion v{champion_version} ({champion_acc:.4f}): {delta:+.4f}, needs > 0 and >= {gate.min_improvement:.4f}",
+        f"does not beat champion v{champion_version} ({champion_acc:.4f}): difference {delta:+.4f}; "
+        f"promotion needs a gain > 0 and >= {gate.min_improvement:.4f}",
     ]
 
 

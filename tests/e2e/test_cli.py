@@ -355,6 +355,8 @@ BAD_INPUT = {
     "unknown-key": _setting("--set", "nosuch.key=1", problem="nosuch"),
     "epochs-not-int": _setting("--set", "train.epochs=abc", problem="train.epochs"),
     "set-without-value": _setting("--set", "train.epochs", problem="KEY=VALUE"),
+    "flag-not-int": _setting("--epochs", "abc", problem="Invalid value for '--epochs'"),
+    "unknown-option": _setting("--no-such-option", problem="No such option: --no-such-option"),
     "invalid-yaml": _bad_yaml,
     "missing-config": _missing_config,
     "rollback-no-registry": _command("models", "rollback", problem="no champion"),
@@ -404,8 +406,10 @@ def test_interrupted_training_resumes_in_the_same_mlflow_run(cli: Any) -> None:
     assert temp_leftovers(cli.home) == []
     assert not (cli.home / "latest" / "train.json").exists()  # an unfinished training is not handed on
     started = json.loads((cli.home / "latest" / "train_started.json").read_text())
+    assert mlflow_client(cli.home).get_run(started["run_id"]).info.status == "KILLED"
 
     resumed = cli.json("train", "--resume")
+    assert mlflow_client(cli.home).get_run(started["run_id"]).info.status == "RUNNING"  # until it is registered
     assert resumed["resumed_from_epoch"] >= 1
     assert resumed["epochs_run"] == epochs
     assert resumed["run_id"] == started["run_id"]

@@ -320,7 +320,7 @@ def test_margin_rejects_a_challenger_that_is_better_but_not_by_enough(
     decision = registry.promote_if_better(settings, register(settings, strong_export).version, *test_set)
     assert decision.challenger_accuracy > decision.champion_accuracy
     assert not decision.promoted
-    assert any("needs > 0 and >= 1.0000" in r for r in decision.reasons)
+    assert any("promotion needs a gain > 0 and >= 1.0000" in r for r in decision.reasons)
     assert registry.alias_version(settings, registry.CHAMPION) == "1"
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from visionloop.config import DataSettings, Settings
 from visionloop.data.sources import IngestResult
@@ -231,3 +232,21 @@ def test_validate_step_raises_data_error_and_still_writes_the_report(
     # nothing downstream of a failed validation exists
     assert not (settings.home / "datasets").exists()
     assert not (settings.home / "latest" / "validate.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to make training fail")
+def test_a_training_failure_marks_the_mlflow_run_failed(tiny_settings: Callable[..., Settings]) -> None:
+    from visionloop import registry
+    from visionloop.config import TrainSettings
+    from visionloop.errors import TrainingError
+
+    settings = tiny_settings()
+    ingested = steps.ingest_step(settings)
+    validated = steps.validate_step(ingested, settings)
+    prepared = steps.preprocess_step(validated.report_path, ingested, settings)
+    failing = settings.model_copy(update={"train": TrainSettings(epochs=1, device="cuda", threads=1)})
+    with pytest.raises(TrainingError, match="no CUDA device"):
+        steps.train_step(prepared.dataset_dir, failing, steps.new_work_dir(settings.home), show_progress=False)
+    run_id = json.loads((settings.home / "latest" / "train_started.json").read_text())["run_id"]
+    registry.connect(settings)
+    assert registry._mlflow().MlflowClient().get_run(run_id).info.status == "FAILED"
