@@ -166,7 +166,12 @@ def _fetch_url(url: str, home: Path, timeout: float) -> Path:
     import fsspec
 
     try:
-        fs, path = fsspec.core.url_to_fs(url, **({"timeout": timeout} if url.startswith("http") else {}))
+        # a fresh filesystem each time: fsspec caches instances by arguments, and a cached one would keep
+        # an endpoint or credentials from before a change of AWS_ENDPOINT_URL or the like
+        options: dict[str, Any] = {"skip_instance_cache": True}
+        if url.startswith("http"):
+            options["timeout"] = timeout
+        fs, path = fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         raise DataError(f"no fsspec driver for {url}: {exc}") from None
     except ValueError as exc:

@@ -430,3 +430,33 @@ def test_damaged_gzip_stream_in_tar_gz(tmp_path, tmp_home):
     with pytest.raises(DataError, match=r"flipped\.tar\.gz is a damaged tar archive"):
         ingest(str(archive), tmp_home)
     assert_nothing_cached(tmp_home)
+
+
+def test_http_server_that_never_answers_times_out(tmp_home):
+    """A host that accepts the connection and then says nothing: the timeout ends it, no hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/data.zip"
+        with pytest.raises(DataError, match=r"could not reach .*Timeout"):
+            ingest(url, tmp_home, timeout=1)
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
