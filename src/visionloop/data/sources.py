@@ -6,10 +6,12 @@ Sources:
 - a local folder in the ``class_name/file.ext`` layout (used in place, not copied);
 - a ``.zip`` / ``.tar`` / ``.tar.gz`` archive (recognised by content, not by name), extracted safely;
 - any fsspec URL (``file://``, ``s3://``, ``gs://``, ``http(s)://``): a folder is copied, an archive
-  is downloaded and extracted. Remote filesystems need their fsspec driver installed (s3fs, gcsfs).
+  is downloaded and extracted. s3fs ships with visionloop (endpoint and credentials from the usual
+  AWS variables, e.g. AWS_ENDPOINT_URL for MinIO); other protocols need their driver (gcsfs, adlfs).
 
 Everything fetched or generated lands under ``<home>/sources/`` through a temporary folder that is
-renamed only when complete, keyed by content, so a second ingest of the same input is free.
+renamed only when complete, keyed by content (for URLs: the URL plus the remote sizes and ETags or
+mtimes), so a second ingest of the same input is free.
 """
 
 from __future__ import annotations
