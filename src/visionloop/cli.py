@@ -7,7 +7,9 @@ Stages hand over through ``<home>/latest/<stage>.json``, so ``visionloop data in
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -403,7 +405,19 @@ def run_cmd(
         if not as_json:
             err.print(f"[green]✓[/] {name:<10} {seconds:6.2f} s")
 
-    summary = run_pipeline(settings, show_progress=not as_json, on_stage=on_stage)
+    started = time.time()
+    try:
+        summary = run_pipeline(settings, show_progress=not as_json, on_stage=on_stage)
+    except KeyboardInterrupt:
+        resume_from = settings.home / "latest" / "train_started.json"
+        hint = (
+            "the last finished epoch is checkpointed: `visionloop train --resume`, then evaluate, export, "
+            "register and promote (or `visionloop run` to start over)"
+            if resume_from.is_file() and resume_from.stat().st_mtime >= started
+            else "stopped before training started; nothing to resume"
+        )
+        err.print(f"[yellow]interrupted[/]: {hint}")
+        raise typer.Exit(130) from None
     if as_json:
         result = summary.to_dict()
         result["gate_decision"] = "promoted" if summary.promoted else "rejected"
@@ -504,7 +518,14 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    # Kubernetes stops a pod with SIGTERM: unwind like Ctrl-C, so temporary files are removed, the
+    # MLflow run is marked KILLED and the last checkpoint stays usable for --resume
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         result = app(standalone_mode=False)
     except VisionloopError as exc:

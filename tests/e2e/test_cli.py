@@ -418,3 +418,35 @@ def test_interrupted_training_resumes_in_the_same_mlflow_run(cli: Any) -> None:
     handed_on = json.loads((cli.home / "latest" / "train.json").read_text())
     assert (handed_on["run_id"], handed_on["work_dir"]) == (started["run_id"], started["work_dir"])
     assert Path(handed_on["model_path"]).is_file()
+
+
+def test_sigterm_during_run_stops_cleanly_and_training_can_resume(cli: Any) -> None:
+    """Kubernetes stops a pod with SIGTERM: the run unwinds like Ctrl-C and leaves a usable checkpoint."""
+    epochs = 40
+    (cli.cwd / "visionloop.yaml").write_text(TINY_CONFIG.format(epochs=epochs))
+    running = cli.popen("run")
+    deadline = time.monotonic() + 240
+    try:
+        while not list(cli.home.glob("runs/*/train/last.pt")):
+            assert running.poll() is None, f"run ended before its first checkpoint:\n{running.stderr.read()}"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.01)
+        running.send_signal(signal.SIGTERM)
+        _, stderr = running.communicate(timeout=120)
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.communicate()
+    assert running.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "visionloop train --resume" in " ".join(stderr.split())
+    assert temp_leftovers(cli.home) == []
+    assert registered_versions(cli.home) == []
+    started = json.loads((cli.home / "latest" / "train_started.json").read_text())
+    assert mlflow_client(cli.home).get_run(started["run_id"]).info.status == "KILLED"
+
+    resumed = cli.json("train", "--resume")
+    assert resumed["run_id"] == started["run_id"] and resumed["epochs_run"] == epochs
+    for stage in ("evaluate", "export", "register"):
+        cli.ok(stage)
+    assert cli.json("promote")["aliases"] == ["champion", "challenger"]
