@@ -381,26 +381,32 @@ def test_bad_input_is_one_clear_error_line_and_leaves_nothing_behind(
 # ---------------------------------------------------------------------------------- interrupt
 
 
+def signal_at_first_checkpoint(cli: Any, signum: int, *args: str) -> tuple[int, str]:
+    """Start ``visionloop *args``, send ``signum`` once the first epoch is checkpointed; (exit code, stderr)."""
+    process = cli.popen(*args)
+    deadline = time.monotonic() + 240
+    try:
+        while not list(cli.home.glob("runs/*/train/last.pt")):
+            assert process.poll() is None, f"{args} ended before its first checkpoint:\n{process.stderr.read()}"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.01)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, stderr
+
+
 def test_interrupted_training_resumes_in_the_same_mlflow_run(cli: Any) -> None:
     epochs = 40
     (cli.cwd / "visionloop.yaml").write_text(TINY_CONFIG.format(epochs=epochs))
     for stage in ("ingest", "validate", "preprocess"):
         cli.ok("data", stage)
 
-    training = cli.popen("train")
-    deadline = time.monotonic() + 240
-    try:
-        while not list(cli.home.glob("runs/*/train/last.pt")):
-            assert training.poll() is None, f"train ended before its first checkpoint:\n{training.stderr.read()}"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.01)
-        training.send_signal(signal.SIGINT)
-        _, stderr = training.communicate(timeout=120)
-    finally:
-        if training.poll() is None:
-            training.kill()
-            training.communicate()
-    assert training.returncode == 130, stderr
+    returncode, stderr = signal_at_first_checkpoint(cli, signal.SIGINT, "train")
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     assert "visionloop train --resume" in " ".join(stderr.split())  # however the console wrapped it
     assert temp_leftovers(cli.home) == []
@@ -424,20 +430,8 @@ def test_sigterm_during_run_stops_cleanly_and_training_can_resume(cli: Any) -> N
     """Kubernetes stops a pod with SIGTERM: the run unwinds like Ctrl-C and leaves a usable checkpoint."""
     epochs = 40
     (cli.cwd / "visionloop.yaml").write_text(TINY_CONFIG.format(epochs=epochs))
-    running = cli.popen("run")
-    deadline = time.monotonic() + 240
-    try:
-        while not list(cli.home.glob("runs/*/train/last.pt")):
-            assert running.poll() is None, f"run ended before its first checkpoint:\n{running.stderr.read()}"
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
-            time.sleep(0.01)
-        running.send_signal(signal.SIGTERM)
-        _, stderr = running.communicate(timeout=120)
-    finally:
-        if running.poll() is None:
-            running.kill()
-            running.communicate()
-    assert running.returncode == 130, stderr
+    returncode, stderr = signal_at_first_checkpoint(cli, signal.SIGTERM, "run")
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr, stderr
     assert "visionloop train --resume" in " ".join(stderr.split())
     assert temp_leftovers(cli.home) == []
