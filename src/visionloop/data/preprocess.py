@@ -192,10 +192,20 @@ def preprocess(
     return final
 
 
+def load_manifest(path: Path) -> DatasetManifest:
+    """Only the manifest of a dataset folder: cheap, for callers that need no pixels."""
+    try:
+        return DatasetManifest(**read_json(path / "manifest.json"))
+    except FileNotFoundError:
+        raise DataError(f"no dataset at {path} (run `visionloop data preprocess` first)") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"dataset manifest at {path} is damaged: {exc}") from None
+
+
 def load_dataset(path: Path) -> Dataset:
     """Load a dataset folder written by ``preprocess``; a damaged one is a clear DataError."""
+    manifest = load_manifest(path)
     try:
-        manifest = DatasetManifest(**read_json(path / "manifest.json"))
         with np.load(path / "data.npz", allow_pickle=False) as npz:
             dataset = Dataset(manifest, npz["images"], npz["labels"], npz["split"], npz["hashes"])
     except FileNotFoundError:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from visionloop.config import Settings
-from visionloop.data.preprocess import PreprocessParams, load_dataset, preprocess
+from visionloop.data.preprocess import PreprocessParams, load_dataset, load_manifest, preprocess
 from visionloop.data.sources import IngestResult, ingest
 from visionloop.data.synthetic import SyntheticSpec
 from visionloop.data.validate import ValidationReport, load_report, validate, write_report
@@ -195,7 +195,7 @@ def preprocess_step(
         hflip_ok=ingested.hflip_ok,
         show_progress=show_progress,
     )
-    manifest = load_dataset(folder).manifest
+    manifest = load_manifest(folder)
     counts = {split: sum(per_class.values()) for split, per_class in manifest.counts.items()}
     return PreprocessOutput(folder, manifest.version, manifest.image_size, manifest.channels, counts, manifest.hflip_ok)
 
@@ -209,8 +209,7 @@ def train_step(
 ) -> TrainOutput:
     """Train with MLflow tracking; ``resume_run_id`` continues an interrupted run from its checkpoint."""
     from visionloop import registry
-    from visionloop.training.model import count_parameters
-    from visionloop.training.train import load_model, train
+    from visionloop.training.train import train
 
     dataset = load_dataset(dataset_dir)
     manifest = dataset.manifest
@@ -265,8 +264,7 @@ def train_step(
     except BaseException:
         registry.set_run_status(run_id, "FAILED")
         raise
-    model, _ = load_model(result.model_path)
-    parameters = count_parameters(model)
+    parameters = result.parameters
     if resume_run_id is None:
         registry.log_params(
             run_id,

@@ -32,7 +32,7 @@ from visionloop.data.preprocess import Dataset
 from visionloop.errors import TrainingError
 from visionloop.fsutil import atomic_write_bytes
 from visionloop.training.augment import augment
-from visionloop.training.model import ModelSpec, ResidualCNN, auto_size
+from visionloop.training.model import ModelSpec, ResidualCNN, auto_size, count_parameters
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -53,6 +53,7 @@ class TrainResult:
     train_seconds: float
     stopped_early: bool
     resumed_from_epoch: int | None
+    parameters: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -313,5 +314,6 @@ def train(
         train_seconds=train_seconds,
         stopped_early=stopped_early,
         resumed_from_epoch=resumed_from,
+        parameters=count_parameters(model),
         history=history,
     )
