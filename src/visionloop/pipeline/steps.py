@@ -282,6 +282,7 @@ def train_step(
             "best_val_accuracy": result.best_val_accuracy,
             "best_epoch": result.best_epoch,
             "train_images_per_second": result.images_per_second,
+            "softmax_temperature": result.temperature,
         },
     )
     from visionloop.training.evaluate import plot_history

@@ -92,6 +92,11 @@ def model_card(payload: dict, dataset: Dataset, metrics: dict, train_config: dic
             },
         },
         "normalization": {"mean": manifest.mean, "std": manifest.std, "applied": "inside the graph"},
+        "calibration": {
+            "method": "temperature scaling fitted on the validation split",
+            "temperature": round(float(payload["state_dict"]["temperature"]), 6),
+            "applied": "inside the graph",
+        },
         "architecture": {**spec, "parameters": payload.get("parameters")},
         "dataset": {"version": manifest.version, "source": manifest.source, "counts": manifest.counts},
         "metrics": metrics,
@@ -112,6 +117,7 @@ def card_markdown(card: dict) -> str:
         f"- outputs: probabilities, embedding\n"
         f"- architecture: width {card['architecture']['width']}, depth {card['architecture']['depth']}, "
         f"{card['architecture']['parameters']} parameters\n"
+        f"- calibration: softmax temperature {card['calibration']['temperature']:.3f} (fitted on the validation split)\n"
         f"- ONNX opset {card['onnx']['opset']}, parity max |diff| {card['onnx']['parity_max_abs_diff']:.2e}\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n"
     )

@@ -2,7 +2,8 @@
 
 The model takes float pixels in [0, 1] (N, C, H, W) and normalises them itself with the training
 split's mean and std, stored as buffers: the exported ONNX graph then needs nothing but pixels, and
-serving cannot get the normalisation wrong. ``forward_features`` returns the penultimate-layer
+serving cannot get the normalisation wrong. A third buffer, the softmax temperature, carries the
+post-hoc calibration into the exported graph the same way. ``forward_features`` returns the penultimate-layer
 embedding (global average pool), which the export exposes as a second output for drift monitoring.
 """
 
@@ -76,6 +77,9 @@ class ResidualCNN(nn.Module):
         widths = stage_widths(spec.width, spec.depth)
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
+        # post-hoc calibration: logits are divided by this before softmax (1 while training; fitted
+        # on the validation split afterwards, see train.fit_temperature)
+        self.register_buffer("temperature", torch.ones(()))
         self.stem = nn.Sequential(
             nn.Conv2d(spec.in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
         )
@@ -93,6 +97,10 @@ class ResidualCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities from this model's logits."""
+        return torch.softmax(logits.float() / self.temperature, dim=1)
+
 
 class ExportWrapper(nn.Module):
     """What the ONNX graph computes: class probabilities and the embedding, from [0, 1] pixels."""
@@ -103,7 +111,7 @@ class ExportWrapper(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.model.forward_features(x)
-        return torch.softmax(self.model.head(embedding), dim=1), embedding
+        return self.model.probabilities(self.model.head(embedding)), embedding
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -54,6 +54,7 @@ class TrainResult:
     stopped_early: bool
     resumed_from_epoch: int | None
     parameters: int = 0
+    temperature: float = 1.0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -86,8 +87,8 @@ def make_scheduler(
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """Softmax outputs for uint8 images (N, C, H, W) on the model's device, in eval mode."""
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """float32 logits for uint8 images (N, C, H, W), on the CPU, computed on the model's device in eval mode."""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -99,8 +100,33 @@ def predict_proba(model: torch.nn.Module, images: torch.Tensor, batch_size: int 
                 logits = model(batch)
         else:
             logits = model(batch)
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
+        out.append(logits.float().cpu())
     return torch.cat(out) if out else torch.empty(0)
+
+
+def predict_proba(model: ResidualCNN, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Calibrated softmax outputs for uint8 images (N, C, H, W)."""
+    logits = predict_logits(model, images, batch_size)
+    return model.probabilities(logits.to(model.temperature.device)).cpu() if len(logits) else logits
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Temperature scaling (Guo et al., 2017): the T minimising validation NLL of softmax(logits / T).
+
+    Label smoothing leaves a network under-confident; one scalar fitted on held-out data fixes most
+    of that without changing a single prediction (argmax is unchanged by T)."""
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    temperature = float(log_t.detach().exp())
+    return min(max(temperature, 0.05), 20.0) if math.isfinite(temperature) else 1.0
 
 
 def save_model(path: Path, model: ResidualCNN, classes: list[str], dataset_version: str) -> None:
@@ -301,6 +327,7 @@ def train(
 
     assert best_state is not None  # at least one epoch ran, or resume restored one
     model.load_state_dict(best_state)
+    model.temperature.fill_(fit_temperature(predict_logits(model, x_val), y_val))
     model_path = out_dir / "model.pt"
     save_model(model_path, model.cpu(), manifest.classes, manifest.version)
     return TrainResult(
@@ -315,5 +342,6 @@ def train(
         stopped_early=stopped_early,
         resumed_from_epoch=resumed_from,
         parameters=count_parameters(model),
+        temperature=float(model.temperature),
         history=history,
     )

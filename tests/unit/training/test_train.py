@@ -217,7 +217,13 @@ def test_early_stopping_when_val_accuracy_cannot_improve(tiny_dataset, tiny_sett
     assert result.best_epoch == 1
     assert [h["val_accuracy"] for h in result.history] == pytest.approx([1 / 3, 1 / 3])
     # model.pt holds the best epoch's weights, not the last epoch's
-    assert_same_weights(weights(result.model_path), weights_after[1])
+    best = weights(result.model_path)
+    # model.pt = the best epoch's weights plus the temperature fitted after training (checkpoints hold 1)
+    assert float(weights_after[1]["temperature"]) == 1.0 and float(best["temperature"]) > 0
+    assert_same_weights(
+        {k: v for k, v in best.items() if k != "temperature"},
+        {k: v for k, v in weights_after[1].items() if k != "temperature"},
+    )
     assert not torch.equal(weights_after[1]["head.weight"], weights_after[2]["head.weight"])
 
 
@@ -255,3 +261,30 @@ def test_save_then_load_round_trips_weights_and_metadata(trained, tmp_path):
     assert again_payload["classes"] == payload["classes"]
     assert again_payload["dataset_version"] == payload["dataset_version"]
     assert [p.name for p in tmp_path.iterdir()] == ["copy.pt"]  # no temporary file left behind
+
+
+def _labels_and_logits(scale: float, n: int = 400, classes: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits whose softmax at temperature ``scale`` is calibrated (labels drawn from it)."""
+    g = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(n, classes, generator=g) * 2.0
+    labels = torch.multinomial(torch.softmax(true_logits, dim=1), 1, generator=g).squeeze(1)
+    return true_logits * scale, labels
+
+
+@pytest.mark.parametrize(("scale", "direction"), [(3.0, "above"), (0.3, "below")])
+def test_fit_temperature_undoes_over_and_under_confidence(scale: float, direction: str):
+    from visionloop.training.train import fit_temperature
+
+    logits, labels = _labels_and_logits(scale)
+    temperature = fit_temperature(logits, labels)
+    assert (temperature > 1.5) if direction == "above" else (temperature < 0.6)
+    before = torch.nn.functional.cross_entropy(logits, labels)
+    after = torch.nn.functional.cross_entropy(logits / temperature, labels)
+    assert after < before  # a better NLL on the data it was fitted to
+    assert torch.equal((logits / temperature).argmax(1), logits.argmax(1))  # no prediction changes
+
+
+def test_trained_model_carries_its_fitted_temperature(trained):
+    model, _ = load_model(trained.model_path)
+    assert float(model.temperature) == pytest.approx(trained.temperature)
+    assert 0.05 <= trained.temperature <= 20.0
