@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -428,8 +431,78 @@ def wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout: flo
     pytest.fail(f"mlflow server not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server on 127.0.0.1 with an empty ``mlflow`` database: the production backend."""
+    initdb, postgres = shutil.which("initdb"), shutil.which("postgres")
+    if initdb is None or postgres is None:
+        pytest.skip("PostgreSQL server binaries (initdb, postgres) are not installed")
+    import psycopg
+
+    root = Path(tempfile.mkdtemp(prefix="visionloop-pg-", dir="/tmp"))
+    # postgres refuses to run as root: as root, the cluster belongs to the unprivileged 'postgres' user
+    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if run_as:
+        shutil.chown(root, "postgres", "postgres")
+    subprocess.run(
+        [*run_as, initdb, "-D", str(root / "db"), "-U", "mlflow", "--auth=trust", "-E", "UTF8"],
+        check=True,
+        capture_output=True,
+    )
+    port = closed_port()
+    server = subprocess.Popen(
+        [
+            *run_as,
+            postgres,
+            "-D",
+            str(root / "db"),
+            "-p",
+            str(port),
+            "-k",
+            str(root),
+            "-c",
+            "listen_addresses=127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connection = psycopg.connect(host="127.0.0.1", port=port, user="mlflow", dbname="postgres")
+                break
+            except psycopg.OperationalError:
+                assert server.poll() is None, "postgres exited at start"
+                assert time.monotonic() < deadline, "postgres did not accept connections within 60 s"
+                time.sleep(0.2)
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE DATABASE mlflow")
+        connection.close()
+        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        os.killpg(server.pid, signal.SIGINT)  # postgres' "fast shutdown"
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend_store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'server.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.mark.slow
-def test_register_and_promote_through_a_real_mlflow_server(tmp_path, weak_export, strong_export, test_set, accuracy):
+def test_register_and_promote_through_a_real_mlflow_server(
+    tmp_path, weak_export, strong_export, test_set, accuracy, backend_store_uri
+):
     port = closed_port()
     artifacts = tmp_path / "server-artifacts"
     log = tmp_path / "server.log"
@@ -437,7 +510,7 @@ def test_register_and_promote_through_a_real_mlflow_server(tmp_path, weak_export
         str(Path(sys.executable).parent / "mlflow"),
         "server",
         "--backend-store-uri",
-        f"sqlite:///{tmp_path / 'server.db'}",
+        backend_store_uri,
         "--serve-artifacts",
         "--artifacts-destination",
         str(artifacts),
@@ -466,6 +539,11 @@ def test_register_and_promote_through_a_real_mlflow_server(tmp_path, weak_export
         assert decision.promoted and decision.champion_version == "1"
         assert registry.alias_version(settings, registry.CHAMPION) == "2"
         assert [e.to_version for e in registry.history(settings)] == ["1", "2"]
+        rolled_back = registry.rollback(settings, "bad canary")
+        assert (rolled_back.from_version, rolled_back.to_version) == ("2", "1")
+        assert registry.alias_version(settings, registry.CHAMPION) == "1"
+        assert [e.kind for e in registry.history(settings)] == ["promote", "promote", "rollback"]
+        registry.promote_if_better(settings, second.version, *test_set)  # the gate can promote it again
         champion = registry.load_classifier(settings, "champion", tmp_path / "download")
         assert champion.accuracy(*test_set) == pytest.approx(accuracy["strong"])
         # artifacts went through the server to its destination, not into a local store
@@ -473,7 +551,8 @@ def test_register_and_promote_through_a_real_mlflow_server(tmp_path, weak_export
         assert not (tmp_path / "home").exists()
     finally:
         # the server and its workers share the process group we started it in
-        os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
