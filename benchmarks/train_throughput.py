@@ -53,7 +53,7 @@ from rich.table import Table
 from _common import print_load  # benchmarks/ is on sys.path when a script runs
 from visionloop.config import TrainSettings
 from visionloop.data.preprocess import Dataset, DatasetManifest
-from visionloop.data.synthetic import SHAPES, SyntheticSpec, make_arrays
+from visionloop.data.synthetic import MAX_CLASSES, SyntheticSpec, class_names, make_arrays
 from visionloop.training.model import ModelSpec, ResidualCNN, flops_per_image
 from visionloop.training.train import pick_device, to_float, train
 
@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", choices=("synthetic", "digits"), default="synthetic", help="image generator")
     parser.add_argument("--image-size", type=int, default=32, help="synthetic image side (digits are 8x8)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=3, help="synthetic channels (digits: 1)")
-    parser.add_argument("--classes", type=int, default=4, help=f"synthetic classes, 2..{len(SHAPES)} (digits: 10)")
+    parser.add_argument("--classes", type=int, default=4, help=f"synthetic classes, 2..{MAX_CLASSES} (digits: 10)")
     parser.add_argument("--images", type=int, default=1024, help="training images (digits: at most 1797 - val)")
     parser.add_argument("--val-images", type=int, default=256, help="validation images (train() needs some)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per optimisation step")
@@ -130,7 +130,7 @@ def build_dataset(args: argparse.Namespace) -> Dataset:
             classes=args.classes, per_class=per_class, size=args.image_size, channels=args.channels, seed=args.seed
         )
         images, labels = make_arrays(spec)
-        classes = list(SHAPES[: args.classes])
+        classes = class_names(args.classes)
     else:
         from sklearn.datasets import load_digits
 

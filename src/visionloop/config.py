@@ -47,7 +47,9 @@ class DataSettings(_Group):
         "(never for digits, yes for synthetic shapes).",
     )
     # synthetic generator
-    synthetic_classes: int = Field(4, ge=2, le=8, description="Classes the synthetic generator draws.")
+    synthetic_classes: int = Field(
+        4, ge=2, le=48, description="Classes the synthetic generator draws (over 8 they differ by hue too)."
+    )
     synthetic_per_class: int = Field(60, ge=1, description="Images per class for the synthetic source.")
     synthetic_size: int = Field(32, ge=8, le=512, description="Side of synthetic images in pixels.")
     synthetic_channels: Literal[1, 3] = Field(3, description="Channels of synthetic images.")

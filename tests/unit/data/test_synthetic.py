@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionloop.data.synthetic import SHAPES, SyntheticSpec, generate, make_arrays
+from visionloop.data.synthetic import MAX_CLASSES, SHAPES, SyntheticSpec, class_names, generate, make_arrays
 
 
 def digests(root: Path) -> dict[str, str]:
@@ -93,7 +93,8 @@ def test_three_channels_give_rgb(tmp_path):
     "kwargs",
     [
         {"classes": 1},
-        {"classes": len(SHAPES) + 1},
+        {"classes": MAX_CLASSES + 1},
+        {"classes": len(SHAPES) + 1, "channels": 1},
         {"per_class": 0},
         {"size": 7},
         {"channels": 2},
@@ -103,3 +104,28 @@ def test_three_channels_give_rgb(tmp_path):
 def test_invalid_spec_raises_value_error(kwargs):
     with pytest.raises(ValueError, match="synthetic"):
         SyntheticSpec(**kwargs)
+
+
+def test_more_than_eight_classes_add_hue_bands(tmp_path):
+    spec = SyntheticSpec(classes=20, per_class=2, size=16, channels=3, seed=0)
+    assert generate(spec, tmp_path / "a") == 40
+    names = class_names(20)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(names)
+    assert len(set(names)) == 20 and names[0] == "circle-red" and names[8] == "circle-yellow"
+    generate(spec, tmp_path / "b")
+    for path in (tmp_path / "a").rglob("*.png"):  # same seed, same bytes, beyond 8 classes too
+        assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes()
+    images, labels = make_arrays(spec)
+    assert images.shape == (40, 3, 16, 16) and labels.max() == 19
+
+
+def test_up_to_eight_classes_keep_plain_shape_names():
+    assert class_names(8) == list(SHAPES)
+
+
+def test_hue_band_classes_always_find_a_background():
+    """Every (class, index) of a large spec draws: an ink in a hue band never waits for a
+    background far enough from it (24 x 60 at seed 0 once looped forever on such a pair)."""
+    images, labels = make_arrays(SyntheticSpec(classes=24, per_class=60, size=16, channels=3, seed=0))
+    assert images.shape == (1440, 3, 16, 16)
+    assert np.bincount(labels).tolist() == [60] * 24
