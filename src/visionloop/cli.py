@@ -97,6 +97,18 @@ def _print_json(obj: Any) -> None:
     console.print_json(json.dumps(obj, default=str))
 
 
+def hand_over(settings: Settings, stage: str, out: Any, as_json: bool, *lines: str) -> None:
+    """Record a stage's output for the next command, then show it: one JSON object, or lines for people."""
+    from visionloop.pipeline import steps
+
+    steps.record(settings.home, stage, out)
+    if as_json:
+        _print_json(steps.as_json(out))
+    else:
+        for line in lines:
+            console.print(line)
+
+
 def _version(value: bool) -> None:
     if value:
         console.print(f"visionloop {__version__}")
@@ -129,14 +141,14 @@ def data_ingest(source: SourceOpt = None, sets: SetOpt = None, as_json: JsonOpt 
 
     settings = settings_from(sets, **{"data.source": source})
     result = steps.ingest_step(settings)
-    steps.record(settings.home, "ingest", result)
-    if as_json:
-        _print_json(result.to_dict())
-    else:
-        console.print(
-            f"ingested [bold]{result.source}[/] ({result.kind}): {result.num_files} files in "
-            f"{len(result.classes)} classes at {result.root}"
-        )
+    hand_over(
+        settings,
+        "ingest",
+        result,
+        as_json,
+        f"ingested [bold]{escape(result.source)}[/] ({result.kind}): {result.num_files} files in "
+        f"{len(result.classes)} classes at {result.root}",
+    )
 
 
 @data_app.command("validate")
@@ -148,14 +160,15 @@ def data_validate(sets: SetOpt = None, as_json: JsonOpt = False) -> None:
     settings = settings_from(sets)
     ingested = IngestResult.from_dict(steps.latest_raw(settings.home, "ingest"))
     out = steps.validate_step(ingested, settings, show_progress=not as_json)
-    steps.record(settings.home, "validate", out)
-    if as_json:
-        _print_json(steps.as_json(out))
-        return
-    console.print(f"validation passed: {out.usable} usable images, {out.bad} unusable, classes {out.classes}")
-    for note in out.warnings:
-        console.print(f"  [yellow]warning:[/] {note}")
-    console.print(f"report: {out.report_path.parent / 'report.md'}")
+    hand_over(
+        settings,
+        "validate",
+        out,
+        as_json,
+        f"validation passed: {out.usable} usable images, {out.bad} unusable, classes {out.classes}",
+        *(f"  [yellow]warning:[/] {escape(note)}" for note in out.warnings),
+        f"report: {out.report_path.parent / 'report.md'}",
+    )
 
 
 @data_app.command("preprocess")
@@ -173,14 +186,14 @@ def data_preprocess(
     ingested = IngestResult.from_dict(steps.latest_raw(settings.home, "ingest"))
     validated = steps.latest(settings.home, "validate", steps.ValidateOutput)
     out = steps.preprocess_step(validated.report_path, ingested, settings, show_progress=not as_json)
-    steps.record(settings.home, "preprocess", out)
-    if as_json:
-        _print_json(steps.as_json(out))
-    else:
-        console.print(
-            f"dataset [bold]{out.dataset_version}[/]: {out.counts} at {out.image_size}x{out.image_size}x"
-            f"{out.channels} in {out.dataset_dir}"
-        )
+    hand_over(
+        settings,
+        "preprocess",
+        out,
+        as_json,
+        f"dataset [bold]{out.dataset_version}[/]: {out.counts} at {out.image_size}x{out.image_size}x"
+        f"{out.channels} in {out.dataset_dir}",
+    )
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -235,15 +248,15 @@ def train_cmd(
             "[yellow]interrupted[/]: the last finished epoch is checkpointed; continue with `visionloop train --resume`"
         )
         raise typer.Exit(130) from None
-    steps.record(settings.home, "train", out)
-    if as_json:
-        _print_json(steps.as_json(out))
-    else:
-        console.print(
-            f"trained on {out.device}: best val accuracy {out.best_val_accuracy:.4f} at epoch {out.best_epoch} "
-            f"of {out.epochs_run}; {out.parameters:,} parameters; {out.images_per_second:,.0f} img/s; "
-            f"MLflow run {out.run_id}"
-        )
+    hand_over(
+        settings,
+        "train",
+        out,
+        as_json,
+        f"trained on {out.device}: best val accuracy {out.best_val_accuracy:.4f} at epoch {out.best_epoch} "
+        f"of {out.epochs_run}; {out.parameters:,} parameters; {out.images_per_second:,.0f} img/s; "
+        f"MLflow run {out.run_id}",
+    )
 
 
 @app.command("evaluate")
@@ -256,14 +269,14 @@ def evaluate_cmd(sets: SetOpt = None, as_json: JsonOpt = False) -> None:
     out = steps.evaluate_step(
         trained.model_path, trained.dataset_dir, trained.run_id, settings, trained.work_dir / "evaluation"
     )
-    steps.record(settings.home, "evaluate", out)
-    if as_json:
-        _print_json(steps.as_json(out))
-    else:
-        console.print(
-            f"test accuracy {out.test_accuracy:.4f} (baseline {out.baseline_name}: {out.baseline_accuracy:.4f}), "
-            f"macro F1 {out.macro_f1:.4f}, ECE {out.ece:.4f}; confusion matrix in {out.metrics_path.parent}"
-        )
+    hand_over(
+        settings,
+        "evaluate",
+        out,
+        as_json,
+        f"test accuracy {out.test_accuracy:.4f} (baseline {out.baseline_name}: {out.baseline_accuracy:.4f}), "
+        f"macro F1 {out.macro_f1:.4f}, ECE {out.ece:.4f}; confusion matrix in {out.metrics_path.parent}",
+    )
 
 
 @app.command("export")
@@ -277,13 +290,13 @@ def export_cmd(sets: SetOpt = None, as_json: JsonOpt = False) -> None:
     out = steps.export_step(
         trained.model_path, trained.dataset_dir, evaluated.metrics, settings, trained.work_dir / "export"
     )
-    steps.record(settings.home, "export", out)
-    if as_json:
-        _print_json(steps.as_json(out))
-    else:
-        console.print(
-            f"exported {out.export_dir / 'model.onnx'}; parity max |diff| {out.max_abs_diff:.2e} on {out.parity_images} images"
-        )
+    hand_over(
+        settings,
+        "export",
+        out,
+        as_json,
+        f"exported {out.export_dir / 'model.onnx'}; parity max |diff| {out.max_abs_diff:.2e} on {out.parity_images} images",
+    )
 
 
 @app.command("register")
@@ -295,11 +308,13 @@ def register_cmd(model_name: NameOpt = None, sets: SetOpt = None, as_json: JsonO
     trained = steps.latest(settings.home, "train", steps.TrainOutput)
     exported = steps.latest(settings.home, "export", steps.ExportOutput)
     out = steps.register_step(exported.export_dir, trained.run_id, settings)
-    steps.record(settings.home, "register", out)
-    if as_json:
-        _print_json(steps.as_json(out))
-    else:
-        console.print(f"registered {out.model_name} v{out.version} as challenger ({out.model_uri})")
+    hand_over(
+        settings,
+        "register",
+        out,
+        as_json,
+        f"registered {out.model_name} v{out.version} as challenger ({out.model_uri})",
+    )
 
 
 @app.command("promote")
@@ -325,14 +340,15 @@ def promote_cmd(
     registered = steps.latest(settings.home, "register", steps.RegisterOutput)
     prepared = steps.latest(settings.home, "preprocess", steps.PreprocessOutput)
     out = steps.promote_step(version or registered.version, prepared.dataset_dir, settings)
-    steps.record(settings.home, "promote", out)
-    if as_json:
-        _print_json(steps.as_json(out))
-        return
     verdict = "[green]PROMOTED to champion[/]" if out.promoted else "[yellow]not promoted[/]"
-    console.print(f"{out.model_name} v{out.version}: {verdict}")
-    for reason in out.reasons:
-        console.print(f"  - {reason}")
+    hand_over(
+        settings,
+        "promote",
+        out,
+        as_json,
+        f"{out.model_name} v{out.version}: {verdict}",
+        *(f"  - {escape(reason)}" for reason in out.reasons),
+    )
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -21,6 +21,7 @@ from visionloop.data.synthetic import SyntheticSpec
 from visionloop.data.validate import ValidationReport, load_report, validate, write_report
 from visionloop.errors import DataError, VisionloopError
 from visionloop.fsutil import atomic_write_json, read_json
+from visionloop.registry import GateDecision
 
 
 def _jsonable(obj: Any) -> Any:
@@ -96,15 +97,11 @@ class RegisterOutput:
 
 
 @dataclass
-class PromoteOutput:
-    model_name: str
-    version: str
-    promoted: bool
-    challenger_accuracy: float
-    champion_version: str | None
-    champion_accuracy: float | None
-    reasons: list[str]
-    aliases: list[str]
+class PromoteOutput(GateDecision):
+    """The gate's decision, plus the aliases the judged version holds afterwards."""
+
+    model_name: str = ""
+    aliases: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- hand-over between commands
@@ -377,13 +374,4 @@ def promote_step(version: str, dataset_dir: Path, settings: Settings) -> Promote
     x_test, y_test = dataset.part("test")
     decision = registry.promote_if_better(settings, version, x_test, y_test)
     aliases = [a for a in (registry.CHAMPION, registry.CHALLENGER) if registry.alias_version(settings, a) == version]
-    return PromoteOutput(
-        settings.registry.model_name,
-        version,
-        decision.promoted,
-        decision.challenger_accuracy,
-        decision.champion_version,
-        decision.champion_accuracy,
-        decision.reasons,
-        aliases,
-    )
+    return PromoteOutput(**decision.to_dict(), model_name=settings.registry.model_name, aliases=aliases)
