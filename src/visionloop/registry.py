@@ -141,16 +141,6 @@ def log_artifacts(run_id: str, folder: Path, artifact_path: str | None = None) -
     _mlflow().MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
 
 
-def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
-    from mlflow.entities import RunTag
-
-    _mlflow().MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-
-def end_run(run_id: str, status: str = "FINISHED") -> None:
-    set_run_status(run_id, status)
-
-
 def log_dataset_input(run_id: str, images: np.ndarray, labels: np.ndarray, version: str, source: str) -> None:
     """Record the dataset version as the run's input (MLflow lineage: Datasets used)."""
     from mlflow.entities import DatasetInput, InputTag
@@ -165,7 +155,7 @@ def log_dataset_input(run_id: str, images: np.ndarray, labels: np.ndarray, versi
 
 
 def set_run_status(run_id: str, status: str) -> None:
-    """RUNNING again on resume; FAILED / KILLED when a step stops early."""
+    """RUNNING again on resume; FINISHED at the end; FAILED / KILLED when a step stops early."""
     client = _mlflow().MlflowClient()
     if status == "RUNNING":
         client.update_run(run_id, status="RUNNING")

@@ -87,7 +87,7 @@ def register(settings: Settings, export_dir: Path) -> registry.RegisteredVersion
     run_id = registry.start_run(settings, "test-run", {"dataset_version": card["dataset"]["version"]})
     tags = {"dataset_version": card["dataset"]["version"], "test_accuracy": "0.123456"}
     version = registry.register_onnx(settings, run_id, export_dir, card, tags)
-    registry.end_run(run_id)
+    registry.set_run_status(run_id, "FINISHED")
     return version
 
 

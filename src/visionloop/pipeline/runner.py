@@ -83,9 +83,9 @@ def run_pipeline(settings: Settings, show_progress: bool = True, on_stage: Stage
         registered = stage("register", steps.register_step, exported.export_dir, trained.run_id, settings)
         promoted = stage("promote", steps.promote_step, registered.version, prepared.dataset_dir, settings)
     except BaseException:
-        registry.end_run(trained.run_id, "FAILED")
+        registry.set_run_status(trained.run_id, "FAILED")
         raise
-    registry.end_run(trained.run_id, "FINISHED")
+    registry.set_run_status(trained.run_id, "FINISHED")
     return RunSummary(
         dataset_version=prepared.dataset_version,
         source=ingested.source,

@@ -261,14 +261,13 @@ def train_step(
     except BaseException:
         registry.set_run_status(run_id, "FAILED")
         raise
-    parameters = result.parameters
     if resume_run_id is None:
         registry.log_params(
             run_id,
             {
                 "model.width": result.spec.width,
                 "model.depth": result.spec.depth,
-                "model.parameters": parameters,
+                "model.parameters": result.parameters,
                 "device": result.device,
                 "hflip": hflip,
             },
@@ -300,7 +299,7 @@ def train_step(
         best_epoch=result.best_epoch,
         best_val_accuracy=result.best_val_accuracy,
         images_per_second=result.images_per_second,
-        parameters=parameters,
+        parameters=result.parameters,
         resumed_from_epoch=result.resumed_from_epoch,
     )
 
