@@ -528,6 +528,88 @@ def models_rollback(
         console.print(f"champion rolled back: v{event.from_version} → v{event.to_version}")
 
 
+# ------------------------------------------------------------------------------------------ serve
+
+
+def _sample_image(settings: Settings) -> Path | None:
+    """An image from the last ingested data set, for the curl line in the serve banner."""
+    from visionloop.fsutil import read_json
+
+    try:
+        root = Path(read_json(settings.home / "latest" / "ingest.json")["root"])
+        return next(p for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith("."))
+    except Exception:
+        return None
+
+
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str | None, typer.Option(help=describe("serve.host"))] = None,
+    port: Annotated[int | None, typer.Option(help=describe("serve.port"))] = None,
+    model_ref: Annotated[str | None, typer.Option("--model-ref", help=describe("serve.model_ref"))] = None,
+    model_name: NameOpt = None,
+    max_batch_size: Annotated[int | None, typer.Option(help=describe("serve.max_batch_size"))] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help=describe("serve.max_wait_ms"))] = None,
+    threads: Annotated[int | None, typer.Option(help=describe("serve.threads"))] = None,
+    poll_seconds: Annotated[float | None, typer.Option(help=describe("serve.poll_seconds"))] = None,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request (uvicorn access log).")] = False,
+    sets: SetOpt = None,
+) -> None:
+    """Serve the registered champion over HTTP until Ctrl-C (or SIGTERM, which lets requests finish).
+
+    POST /predict (multipart files or JSON base64) for people and scripts; the KServe V2 Open Inference
+    Protocol under /v2 for KServe/Triton clients; /healthz, /readyz, /metrics for operators; POST
+    /feedback for true labels; POST /admin/reload to pick up a new champion now (it is also polled).
+    Requests are batched dynamically; the model runs on ONNX Runtime and torch is never imported.
+
+    Examples:
+
+      visionloop serve                                   # champion of the embedded registry on :8000
+
+      visionloop serve --host 0.0.0.0 --port 8080 --max-batch-size 64 --max-wait-ms 5
+
+      VISIONLOOP_SERVE__ADMIN_TOKEN=s3cret visionloop serve --poll-seconds 10
+    """
+    from visionloop.serving.server import serve
+
+    settings = settings_from(
+        sets,
+        **{
+            "serve.host": host,
+            "serve.port": port,
+            "serve.model_ref": model_ref,
+            "registry.model_name": model_name,
+            "serve.max_batch_size": max_batch_size,
+            "serve.max_wait_ms": max_wait_ms,
+            "serve.threads": threads,
+            "serve.poll_seconds": poll_seconds,
+        },
+    )
+    sample = _sample_image(settings)
+
+    def announce(url: str, app_obj: Any) -> None:
+        model = app_obj.state.service.holder.current
+        name = settings.registry.model_name
+        what = (
+            f"{name} v{model.version} ({settings.serve.model_ref})"
+            if model is not None
+            else f"no model yet: {app_obj.state.service.holder.status}"
+        )
+        image = str(sample) if sample is not None else "your-image.png"
+        err.print(
+            f"[bold]visionloop serve[/]: listening on {url} — {escape(what)}\n"
+            f"  try      curl -F file=@{image} {url}/predict\n"
+            f"  docs     {url}/docs\n"
+            f"  V2       {url}/v2/models/{name}   (tritonclient.http, KServe clients)\n"
+            f"  health   {url}/healthz  {url}/readyz\n"
+            f"  metrics  {url}/metrics\n"
+            "Ctrl-C stops it; in-flight requests finish first.",
+            highlight=False,
+        )
+
+    serve(settings, access_log=access_log, on_started=announce)
+
+
 def _fail(message: str, code: int) -> None:
     # one line, and the message is text, not markup: a path may contain "[/x]"
     err.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)

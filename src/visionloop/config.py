@@ -117,6 +117,40 @@ class RegistrySettings(_Group):
         return value
 
 
+class ServeSettings(_Group):
+    host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 inside a container.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
+    model_ref: str = Field(
+        "champion", description="Registered alias (or version number) to serve; hot reload follows it."
+    )
+    max_batch_size: int = Field(
+        32, ge=1, le=4096, description="Dynamic batching: most images run through the model at once."
+    )
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Dynamic batching: longest an image waits for others to join its batch (0 = never wait).",
+    )
+    threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads; 0 uses every core.")
+    top_k: int = Field(3, ge=1, le=1000, description="Labels returned per image by /predict unless asked otherwise.")
+    max_images: int = Field(64, ge=1, le=4096, description="Most images accepted in one request.")
+    max_body_mb: float = Field(16.0, gt=0, le=1024, description="Largest request body in MiB (413 above it).")
+    max_pixels: int = Field(
+        25_000_000, ge=1, description="Largest decoded image in pixels (decompression bombs get 413)."
+    )
+    poll_seconds: float = Field(
+        30.0, ge=0, description="How often to ask the registry whether the served alias moved (0 = never)."
+    )
+    admin_token: str = Field(
+        "", description="Bearer token POST /admin/reload requires; empty leaves it open (bind to 127.0.0.1 then)."
+    )
+    log_predictions: bool = Field(
+        True, description="Record every prediction in <home>/serving/predictions.db for monitoring."
+    )
+    drain_seconds: float = Field(20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish.")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VISIONLOOP_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -128,6 +162,7 @@ class Settings(BaseSettings):
     train: TrainSettings = TrainSettings()
     gate: GateSettings = GateSettings()
     registry: RegistrySettings = RegistrySettings()
+    serve: ServeSettings = ServeSettings()
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> Settings:

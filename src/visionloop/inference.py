@@ -12,6 +12,7 @@ from visionloop.fsutil import read_json
 
 INPUT_NAME = "input"
 OUTPUT_NAMES = ("probabilities", "embedding")
+CHECK_PIXEL = 128  # the self-check input: every pixel mid-grey
 
 
 @dataclass
@@ -59,3 +60,31 @@ class OnnxClassifier:
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
         probs, _ = self.run(images)
         return float((probs.argmax(axis=1) == labels).mean()) if len(labels) else 0.0
+
+    def check_input(self) -> np.ndarray:
+        return np.full((1, *self.input_shape), CHECK_PIXEL, dtype=np.uint8)
+
+    def self_check(self, tolerance: float = 1e-4) -> list[str]:
+        """Problems found running the model on its check input; empty when it is fit to serve.
+
+        The outputs must have the card's shapes, be finite, sum to 1; and where the card recorded what
+        the exported graph answered at export time (``onnx.check``), this load must answer the same.
+        """
+        try:
+            probs, embedding = self.run(self.check_input())
+        except Exception as exc:
+            return [f"running the check input failed: {exc}"]
+        problems = []
+        classes = len(self.card["classes"])
+        if probs.shape != (1, classes):
+            problems.append(f"probabilities have shape {probs.shape}, the card says (1, {classes})")
+        if not (np.isfinite(probs).all() and np.isfinite(embedding).all()):
+            problems.append("outputs are not finite")
+        elif abs(float(probs.sum()) - 1.0) > 1e-3:
+            problems.append(f"probabilities sum to {float(probs.sum()):.4f}, not 1")
+        expected = self.card.get("onnx", {}).get("check", {}).get("probabilities")
+        if expected is not None and probs.shape == (1, len(expected)):
+            diff = float(np.abs(probs[0] - np.asarray(expected, dtype=np.float32)).max())
+            if diff > tolerance:
+                problems.append(f"check input answers differ from export time by {diff:.3g} (tolerance {tolerance:g})")
+        return problems

@@ -220,14 +220,43 @@ def _download(name: str, ref: str, dest: Path) -> Path:
         raise RegistryError(f"cannot download {uri}: {exc}") from None
 
 
+def resolve(settings: Settings, ref: str) -> str | None:
+    """The version number ``ref`` (an alias, or a version number) names now; None when it names none.
+
+    Read only, for serving replicas: it creates no experiment and never writes to the store. A store
+    that cannot be reached raises RegistryError, so a caller can tell "no champion yet" from "registry down".
+    """
+    mlflow = _mlflow()
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    name = settings.registry.model_name
+    try:
+        found = client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise RegistryError(f"cannot reach the MLflow store at {uri}: {exc}") from None
+    except Exception as exc:
+        raise RegistryError(f"cannot reach the MLflow store at {uri}: {exc}") from None
+    return str(found.version)
+
+
+def download_version(settings: Settings, version: str, dest: Path) -> tuple[Path, Path]:
+    """Download one registered version; returns (model.onnx, model_card.json) under ``dest``."""
+    _mlflow().set_tracking_uri(settings.tracking_uri)
+    folder = _download(settings.registry.model_name, version, dest)
+    return folder / "model.onnx", folder / "extra_files" / "model_card.json"
+
+
 def load_classifier(settings: Settings, ref: str, dest: Path | None = None) -> OnnxClassifier:
     """Load a registered version (number) or alias as an ONNX Runtime classifier.
 
     The session holds the model in memory, so without ``dest`` the download is removed afterwards."""
     connect(settings)
     if dest is not None:
-        folder = _download(settings.registry.model_name, ref, dest)
-        return OnnxClassifier.load(folder / "model.onnx", folder / "extra_files" / "model_card.json")
+        return OnnxClassifier.load(*download_version(settings, ref, dest))
     with tempfile.TemporaryDirectory(prefix="visionloop-model-") as tmp:
         return load_classifier(settings, ref, Path(tmp))
 

@@ -25,7 +25,7 @@ from visionloop import __version__
 from visionloop.data.preprocess import Dataset
 from visionloop.errors import ExportError
 from visionloop.fsutil import atomic_dir, atomic_write_json
-from visionloop.inference import INPUT_NAME, OUTPUT_NAMES, OnnxClassifier
+from visionloop.inference import CHECK_PIXEL, INPUT_NAME, OUTPUT_NAMES, OnnxClassifier
 from visionloop.training.model import ExportWrapper, ModelSpec, count_parameters
 from visionloop.training.train import load_model, predict_proba
 
@@ -151,7 +151,8 @@ def export(
             "classes": manifest.classes,
         }
         atomic_write_json(tmp / "model_card.json", card_stub)
-        got, _ = OnnxClassifier.load(onnx_path, tmp / "model_card.json", threads=1).run(sample)
+        classifier = OnnxClassifier.load(onnx_path, tmp / "model_card.json", threads=1)
+        got, _ = classifier.run(sample)
         diff = float(np.abs(got - expected).max())
         if not diff <= tolerance:
             raise ExportError(
@@ -159,6 +160,12 @@ def export(
                 f"(tolerance {tolerance:g}, gate.parity_tolerance); nothing exported"
             )
         card = model_card(payload, dataset, metrics or {}, train_config or {}, diff)
+        # what the graph answers on its check input: serving compares a fresh load against it
+        check, _ = classifier.run(classifier.check_input())
+        card["onnx"]["check"] = {
+            "input": f"one image, every pixel {CHECK_PIXEL}",
+            "probabilities": [round(float(p), 7) for p in check[0]],
+        }
         atomic_write_json(tmp / "model_card.json", card)
         (tmp / "model_card.md").write_text(card_markdown(card), encoding="utf-8")
         (tmp / "weights.pt").write_bytes(model_path.read_bytes())

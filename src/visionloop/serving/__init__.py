@@ -1,0 +1,4 @@
+"""Serve the registered champion over HTTP: /predict, the V2 Open Inference Protocol, health, metrics.
+
+Nothing in this package imports torch: the serving image runs the exported ONNX model on ONNX Runtime.
+"""

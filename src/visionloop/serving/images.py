@@ -1,0 +1,79 @@
+"""Uploaded bytes → the model's uint8 (C, H, W) input, with the same conversion training used.
+
+Every way an upload can be wrong is an ApiError naming the problem: not an image, empty, truncated,
+too many pixels (a decompression bomb is refused from its header, before any pixel is decoded), or a
+colour mode the model cannot take unless the client states the conversion with ``convert=true``.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from visionloop.data.preprocess import to_array
+from visionloop.serving.errors import ApiError
+
+# the modes a model takes as they are; anything else is converted only when the client says so
+NATIVE_MODES = {1: ("L",), 3: ("RGB",)}
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # uint8 (C, H, W) at the model's input size
+    width: int  # as uploaded
+    height: int
+    mode: str  # as uploaded
+    converted: str | None  # e.g. "RGBA->L" when a stated conversion was applied
+
+
+def decode(data: bytes, image_size: int, channels: int, max_pixels: int, convert: bool, name: str) -> DecodedImage:
+    """Decode one upload for a model taking ``channels`` × ``image_size``²; ``name`` is used in messages."""
+    if not data:
+        raise ApiError(422, f"{name}: empty upload (0 bytes)", "empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError(413, f"{name}: image has too many pixels (over {max_pixels:,})", "too_many_pixels") from None
+    except UnidentifiedImageError:
+        raise ApiError(
+            422, f"{name}: not an image PIL can read ({len(data)} bytes; send PNG, JPEG, …)", "not_an_image"
+        ) from None
+    except Exception as exc:
+        raise ApiError(422, f"{name}: cannot read image header: {exc}", "not_an_image") from None
+    with img:
+        width, height = img.size
+        if width * height > max_pixels:
+            raise ApiError(
+                413,
+                f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,}",
+                "too_many_pixels",
+            )
+        target = "L" if channels == 1 else "RGB"
+        converted = None
+        if img.mode not in NATIVE_MODES[channels]:
+            if not convert:
+                raise ApiError(
+                    422,
+                    f"{name}: image mode {img.mode} is not what the model takes ({target}); "
+                    f"send convert=true to have it converted {img.mode}->{target}",
+                    "image_mode",
+                )
+            converted = f"{img.mode}->{target}"
+        try:
+            img.load()
+            pixels = to_array(img, image_size, channels)
+        except Exception as exc:  # truncated or corrupt pixel data
+            raise ApiError(422, f"{name}: image data is damaged or truncated: {exc}", "damaged_image") from None
+    return DecodedImage(pixels, width, height, img.mode, converted)
+
+
+def pixel_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each image's pixels (N, C, H, W) on a 0-1 scale, for drift monitoring."""
+    flat = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
+    return flat.mean(axis=1), flat.std(axis=1)

@@ -1,0 +1,84 @@
+"""The service's Prometheus metrics. Each app owns a registry, so tests can run several in one process.
+
+Names follow Prometheus conventions (``_total`` counters, ``_seconds`` durations, base units); the
+monitoring rules and dashboards under ``deploy/monitoring`` query exactly these.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "visionloop_http_requests", "HTTP requests answered.", ["route", "method", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "visionloop_http_request_duration_seconds",
+            "Time from request to response.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bad_requests = Counter(
+            "visionloop_bad_requests", "Requests refused with a 4xx, by reason.", ["reason"], registry=r
+        )
+        self.predictions = Counter(
+            "visionloop_predictions", "Images classified, by model version and predicted class.",
+            ["model_version", "predicted_class"], registry=r,
+        )  # fmt: skip
+        self.confidence = Histogram(
+            "visionloop_prediction_confidence", "Top-1 probability of each prediction.",
+            buckets=CONFIDENCE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "visionloop_batch_size", "Images per model run (dynamic batching).", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "visionloop_batch_queue_wait_seconds", "Time a request waited in the batching queue.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.inference_seconds = Histogram(
+            "visionloop_inference_duration_seconds", "ONNX Runtime time per batch.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.model_info = Gauge(
+            "visionloop_model_info", "1 for the model being served.", ["model_name", "model_version", "dataset_version"],
+            registry=r,
+        )  # fmt: skip
+        self.ready = Gauge("visionloop_ready", "1 when a model is loaded and warmed up.", registry=r)
+        self.model_loaded_at = Gauge(
+            "visionloop_model_loaded_timestamp_seconds", "When the served model was loaded.", registry=r
+        )
+        self.reloads = Counter(
+            "visionloop_model_reloads", "Reload attempts by result (loaded, unchanged, failed, no_model).",
+            ["result"], registry=r,
+        )  # fmt: skip
+        self.feedback = Counter(
+            "visionloop_feedback", "Ground-truth labels received, by whether the prediction was right.",
+            ["model_version", "correct"], registry=r,
+        )  # fmt: skip
+        self.prediction_log_dropped = Counter(
+            "visionloop_prediction_log_errors", "Predictions that could not be written to the log.", registry=r
+        )
+
+    # the batcher reports through these two
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference_seconds.observe(seconds)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds)
+
+    def serving(self, name: str, version: str, dataset_version: str, loaded_at: float) -> None:
+        self.model_info.clear()
+        self.model_info.labels(name, version, dataset_version).set(1)
+        self.model_loaded_at.set(loaded_at)
+        self.ready.set(1)

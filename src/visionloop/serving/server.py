@@ -1,0 +1,58 @@
+"""Run the app with uvicorn: one process, graceful SIGTERM, and a banner with the URLs to try."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+
+from visionloop.config import Settings
+
+# a serving replica should not hang on a registry that went away: MLflow retries for minutes by default
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+class _Server(uvicorn.Server):
+    on_started: Callable[[str, Any], None] | None = None
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.on_started is not None and self.servers:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            self.on_started(f"http://{host}:{port}", self.config.app)
+
+
+def configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("visionloop.serve")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def serve(settings: Settings, access_log: bool = False, on_started: Callable[[str, Any], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get ``serve.drain_seconds`` to finish."""
+    from visionloop.serving.app import create_app
+
+    configure_logging()
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.serve.host,
+        port=settings.serve.port,
+        access_log=access_log,
+        log_level="info" if access_log else "warning",
+        timeout_graceful_shutdown=int(settings.serve.drain_seconds) or None,
+        lifespan="on",
+    )
+    server = _Server(config)
+    server.on_started = on_started
+    server.run()
+    if not server.started:  # the port was taken, the lifespan failed, …: uvicorn has said why
+        raise SystemExit(1)
