@@ -137,7 +137,10 @@ class ServeSettings(_Group):
     max_images: int = Field(64, ge=1, le=4096, description="Most images accepted in one request.")
     max_body_mb: float = Field(16.0, gt=0, le=1024, description="Largest request body in MiB (413 above it).")
     max_pixels: int = Field(
-        25_000_000, ge=1, description="Largest decoded image in pixels (decompression bombs get 413)."
+        25_000_000,
+        ge=1,
+        le=89_478_485,  # Pillow's own bomb limit (Image.MAX_IMAGE_PIXELS) would refuse larger images anyway
+        description="Largest decoded image in pixels (decompression bombs get 413).",
     )
     poll_seconds: float = Field(
         30.0, ge=0, description="How often to ask the registry whether the served alias moved (0 = never)."

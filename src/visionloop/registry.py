@@ -80,13 +80,28 @@ def _mlflow() -> Any:
     return mlflow
 
 
+def _point_at(uri: str) -> None:
+    """Make ``uri`` MLflow's current store without leaking it into the environment.
+
+    ``mlflow.set_tracking_uri`` also writes MLFLOW_TRACKING_URI to os.environ (for subprocesses), which
+    would make every later Settings in this process (whose empty ``registry.tracking_uri`` defers to
+    that variable) point at this store instead of its own home. The variable is put back as it was.
+    """
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    _mlflow().set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def connect(settings: Settings) -> Any:
     """Point MLflow at the configured store and experiment; returns an MlflowClient."""
     mlflow = _mlflow()
     uri = settings.tracking_uri
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    _point_at(uri)
     client = mlflow.MlflowClient()
     try:
         experiment = client.get_experiment_by_name(settings.registry.experiment)
@@ -245,7 +260,7 @@ def resolve(settings: Settings, ref: str) -> str | None:
 
 def download_version(settings: Settings, version: str, dest: Path) -> tuple[Path, Path]:
     """Download one registered version; returns (model.onnx, model_card.json) under ``dest``."""
-    _mlflow().set_tracking_uri(settings.tracking_uri)
+    _point_at(settings.tracking_uri)
     folder = _download(settings.registry.model_name, version, dest)
     return folder / "model.onnx", folder / "extra_files" / "model_card.json"
 

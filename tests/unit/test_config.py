@@ -203,3 +203,20 @@ def test_every_setting_has_a_description():
         fields = annotation.model_fields if isinstance(annotation, type) and hasattr(annotation, "model_fields") else {}
         for name in fields:
             assert describe(f"{group_name}.{name}").split(" [")[0] not in ("", "None"), f"{group_name}.{name}"
+
+
+def test_serve_defaults_and_limits():
+    serve = load_settings().serve
+    assert (serve.host, serve.port, serve.model_ref) == ("127.0.0.1", 8000, "champion")
+    assert (serve.max_batch_size, serve.max_wait_ms) == (32, 2.0)
+    assert serve.admin_token == "" and serve.log_predictions is True
+    # Pillow refuses images over its own limit whatever we allow, so a higher setting would be a lie
+    with pytest.raises(ConfigError, match=r"serve\.max_pixels"):
+        load_settings(overrides={"serve.max_pixels": 100_000_000})
+    with pytest.raises(ConfigError, match=r"serve\.max_batch_size"):
+        load_settings(overrides={"serve.max_batch_size": 0})
+
+
+def test_serve_admin_token_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("VISIONLOOP_SERVE__ADMIN_TOKEN", "s3cret")
+    assert load_settings().serve.admin_token == "s3cret"

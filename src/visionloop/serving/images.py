@@ -38,8 +38,9 @@ def decode(data: bytes, image_size: int, channels: int, max_pixels: int, convert
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ApiError(413, f"{name}: image has too many pixels (over {max_pixels:,})", "too_many_pixels") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # over Pillow's own limit
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        raise ApiError(413, f"{name}: image has too many pixels (over {limit:,})", "too_many_pixels") from None
     except UnidentifiedImageError:
         raise ApiError(
             422, f"{name}: not an image PIL can read ({len(data)} bytes; send PNG, JPEG, …)", "not_an_image"

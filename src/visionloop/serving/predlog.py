@@ -169,17 +169,16 @@ class PredictionLog:
             raise ApiError(404, f"no prediction with request_id {request_id!r}", "unknown_request_id")
         version, predicted_index, predicted_label, classes_json = found
         classes = json.loads(classes_json)
+        known = f"model v{version} knows: " + ", ".join(classes[:20]) + (", …" if len(classes) > 20 else "")
         if isinstance(true_label, int):
             if not 0 <= true_label < len(classes):
-                raise ApiError(
-                    422, f"label index {true_label} is out of range for {len(classes)} classes", "unknown_label"
-                )
+                message = f"label index {true_label} is out of range for {len(classes)} classes; {known}"
+                raise ApiError(422, message, "unknown_label")
             index = true_label
         elif true_label in classes:
             index = classes.index(true_label)
         else:
-            shown = ", ".join(classes[:20]) + (", …" if len(classes) > 20 else "")
-            raise ApiError(422, f"unknown label {true_label!r}; model v{version} knows: {shown}", "unknown_label")
+            raise ApiError(422, f"unknown label {true_label!r}; {known}", "unknown_label")
         row = (request_id, time.time(), index, classes[index], int(index == predicted_index))
         try:  # feedback is rare: it is written at once, in its own transaction
             with self._read_lock, self._reader:

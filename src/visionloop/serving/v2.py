@@ -56,6 +56,8 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
         header = json.loads(json_part)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _bad(f"request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _bad("request is not valid JSON: nested too deeply") from None
     if not isinstance(header, dict):
         raise _bad("request must be a JSON object with an 'inputs' list")
     return header, binary
@@ -113,15 +115,36 @@ def parse_infer(
 def _json_pixels(data: Any, shape: list[int], count: int) -> np.ndarray:
     if data is None:
         raise _bad(f"input {INPUT_NAME!r} has neither 'data' nor parameters.binary_data_size")
+    values = _leaves(data) if isinstance(data, list) else None
+    if values is None:
+        raise _bad(f"input {INPUT_NAME!r} data must be a (nested) list of numbers", "v2_datatype")
+    out_of_range = _bad(f"input {INPUT_NAME!r} is UINT8: every value must be an integer from 0 to 255", "v2_datatype")
     try:
-        flat = np.asarray(data, dtype=np.float64).reshape(-1)
-    except (ValueError, TypeError):
-        raise _bad(f"input {INPUT_NAME!r} data must be a (nested) list of numbers") from None
+        flat = np.asarray(values, dtype=np.float64)
+    except OverflowError:  # an integer beyond any float
+        raise out_of_range from None
     if flat.size != count:
         raise _bad(f"input {INPUT_NAME!r} of shape {shape} needs {count} values; data has {flat.size}", "v2_shape")
     if flat.size and (flat.min() < 0 or flat.max() > 255 or not np.all(flat == np.floor(flat))):
-        raise _bad(f"input {INPUT_NAME!r} is UINT8: every value must be an integer from 0 to 255", "v2_datatype")
+        raise out_of_range
     return flat.astype(np.uint8).reshape(shape)
+
+
+def _leaves(data: list) -> list[int | float] | None:
+    """The numbers of a nested list, in order; None when a leaf is not a number (bools are not)."""
+    out: list[int | float] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if isinstance(item, bool) or not isinstance(item, int | float):
+                return None
+            out.append(item)
+        else:
+            stack.pop()
+    return out
 
 
 def _request_id(header: dict) -> str | None:

@@ -1,0 +1,135 @@
+"""``visionloop serve`` as a real process on 127.0.0.1, serving a real champion from a real MLflow store."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from visionloop.inference import OnnxClassifier
+
+
+def test_predict_multipart_answers_top_k_with_request_ids(champion_server, digit_png, champion_settings):
+    png, label = digit_png
+    with champion_server.client() as http:
+        response = http.post("/predict?top_k=2", files=[("file", ("a.png", png)), ("file", ("b.png", png))])
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == {"name": champion_settings.registry.model_name, "version": "1"}
+    first, second = body["predictions"]
+    assert first["filename"] == "a.png" and second["filename"] == "b.png"
+    assert first["request_id"] != second["request_id"]
+    assert len(first["top_k"]) == 2
+    assert first["top_k"][0]["probability"] >= first["top_k"][1]["probability"]
+    assert first["label"] == first["top_k"][0]["label"] == str(label)
+    assert first["converted"] is None
+
+
+def test_predict_json_base64_matches_multipart(champion_server, digit_png):
+    png, _ = digit_png
+    with champion_server.client() as http:
+        by_file = http.post("/predict", files={"file": ("x.png", png)}).json()["predictions"][0]
+        data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+        by_json = http.post("/predict", json={"images": [data_url], "top_k": 1}).json()["predictions"][0]
+    assert by_json["label"] == by_file["label"]
+    assert by_json["confidence"] == pytest.approx(by_file["confidence"], abs=1e-6)
+    assert len(by_json["top_k"]) == 1
+
+
+def test_predictions_match_onnx_runtime_on_the_registered_model(champion_server, champion_settings, digits_dataset):
+    from visionloop import registry
+
+    classifier: OnnxClassifier = registry.load_classifier(champion_settings, "champion")
+    x_test, _ = digits_dataset.part("test")
+    expected, _ = classifier.run(x_test[:16])
+    client = triton.InferenceServerClient(champion_server.url.removeprefix("http://"))
+    tensor = triton.InferInput("input", list(x_test[:16].shape), "UINT8")
+    tensor.set_data_from_numpy(x_test[:16])
+    got = client.infer(champion_settings.registry.model_name, [tensor]).as_numpy("probabilities")
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_round_trip(champion_server, champion_settings, digits_dataset, binary):
+    name = champion_settings.registry.model_name
+    client = triton.InferenceServerClient(champion_server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(name)
+    metadata = client.get_model_metadata(name)
+    assert metadata["inputs"] == [{"name": "input", "datatype": "UINT8", "shape": [-1, 1, 16, 16]}]
+    assert [o["name"] for o in metadata["outputs"]] == ["probabilities", "embedding"]
+
+    x_test, y_test = digits_dataset.part("test")
+    batch = x_test[:8]
+    tensor = triton.InferInput("input", list(batch.shape), "UINT8")
+    tensor.set_data_from_numpy(batch, binary_data=binary)
+    outputs = [triton.InferRequestedOutput(n, binary_data=binary) for n in ("probabilities", "embedding")]
+    result = client.infer(name, [tensor], outputs=outputs, request_id="req-7")
+    probs = result.as_numpy("probabilities")
+    assert probs.shape == (8, 10) and result.as_numpy("embedding").shape[0] == 8
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (probs.argmax(axis=1) == y_test[:8]).mean() >= 0.5
+    response = result.get_response()
+    assert response["id"] == "req-7" and response["model_version"] == "1"
+    assert len(response["parameters"]["request_ids"]) == 8
+
+
+@pytest.mark.parametrize(
+    ("shape", "datatype", "model", "status", "message"),
+    [
+        ([2, 1, 8, 8], "UINT8", None, "400", "must have shape"),
+        ([2, 1, 16, 16], "FP32", None, "400", "datatype UINT8"),
+        ([2, 1, 16, 16], "UINT8", "no-such-model", "404", "unknown model"),
+    ],
+)
+def test_tritonclient_receives_protocol_errors(
+    champion_server, champion_settings, shape, datatype, model, status, message
+):
+    client = triton.InferenceServerClient(champion_server.url.removeprefix("http://"))
+    tensor = triton.InferInput("input", shape, datatype)
+    tensor.set_data_from_numpy(np.zeros(shape, dtype=np.uint8 if datatype == "UINT8" else np.float32))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(model or champion_settings.registry.model_name, [tensor])
+    assert caught.value.status() == status
+    assert message in caught.value.message()
+
+
+def test_feedback_round_trip_is_logged_and_counted(champion_server, champion_settings, digit_png):
+    png, label = digit_png
+    with champion_server.client() as http:
+        prediction = http.post("/predict", files={"file": ("x.png", png)}).json()["predictions"][0]
+        answer = http.post("/feedback", json={"request_id": prediction["request_id"], "label": str(label)})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["correct"] is (prediction["label"] == str(label))
+        again = http.post("/feedback", json={"request_id": prediction["request_id"], "label": str(label)})
+        assert again.status_code == 409 and "already recorded" in again.json()["error"]
+        metrics = http.get("/metrics").text
+    assert 'visionloop_feedback_total{correct="true",model_version="1"}' in metrics
+    with sqlite3.connect(champion_settings.home / "serving" / "predictions.db") as db:
+        row = db.execute(
+            "SELECT p.predicted_label, p.model_version, length(p.embedding), f.true_label FROM predictions p "
+            "JOIN feedback f USING (request_id) WHERE request_id = ?",
+            (prediction["request_id"],),
+        ).fetchone()
+    assert row[0] == prediction["label"] and row[1] == "1" and row[2] > 0 and row[3] == str(label)
+
+
+def test_health_readiness_metrics_and_docs(champion_server):
+    with champion_server.client() as http:
+        assert http.get("/healthz").json() == {"status": "alive"}
+        ready = http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["ready"] is True
+        metrics = http.get("/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain")
+        for name in (
+            "visionloop_batch_size_bucket",
+            "visionloop_batch_queue_wait_seconds_bucket",
+            "visionloop_ready 1.0",
+        ):
+            assert name in metrics.text
+        assert http.get("/docs").status_code == 200
+        schema = http.get("/openapi.json").json()
+        assert {"/predict", "/feedback", "/v2/models/{name}/infer", "/readyz"} <= set(schema["paths"])
