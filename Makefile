@@ -1,15 +1,17 @@
 # visionloop — the two commands a newcomer needs:
-#   make run    create .venv, install the pinned dependencies, run the whole loop on the embedded digits
+#   make run    create .venv, install the pinned dependencies, run the whole loop on the embedded digits,
+#               then serve the champion on http://127.0.0.1:8000 until Ctrl-C
 #   make test   same install, then lint and the whole test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint format install clean bench help
+.PHONY: run serve test lint format install clean bench help
 
 help:
-	@echo "make run    - install (first time) and run ingest→…→promote on the built-in digits"
+	@echo "make run    - install (first time), run ingest→…→promote on the built-in digits, serve the champion"
+	@echo "make serve  - serve the current champion on http://127.0.0.1:8000 (Ctrl-C stops it)"
 	@echo "make test   - install (first time), ruff, then the whole pytest suite"
 	@echo "make bench  - run the benchmarks in benchmarks/"
 	@echo "make clean  - remove .venv and the local project data (.visionloop/)"
@@ -23,6 +25,10 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/visionloop run $(ARGS)
+	$(BIN)/visionloop serve
+
+serve: $(STAMP)
+	$(BIN)/visionloop serve $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -38,6 +44,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) .visionloop

@@ -246,6 +246,7 @@ def test_every_stage_has_a_command() -> None:
         "models list",
         "models history",
         "models rollback",
+        "serve",
     }
 
 
@@ -341,6 +342,10 @@ def _command(*args: str, problem: str) -> Callable[..., tuple[list[str], str]]:
     return lambda tmp, make_folder: ([*args, "--json"], problem)
 
 
+def _serve(*args: str, problem: str) -> Callable[..., tuple[list[str], str]]:
+    return lambda tmp, make_folder: (["serve", *args], problem)
+
+
 BAD_INPUT = {
     "missing-path": _missing_path,
     "markup-in-path": _markup_in_path,
@@ -366,6 +371,9 @@ BAD_INPUT = {
     "evaluate-before-train": _command("evaluate", problem="visionloop train"),
     "validate-before-ingest": _command("data", "validate", problem="visionloop data ingest"),
     "promote-before-register": _command("promote", problem="visionloop register"),
+    "serve-port-out-of-range": _serve("--port", "70000", problem="serve.port"),
+    "serve-negative-wait": _serve("--max-wait-ms", "-1", problem="serve.max_wait_ms"),
+    "serve-batch-0": _serve("--max-batch-size", "0", problem="serve.max_batch_size"),
 }
 
 

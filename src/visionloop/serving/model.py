@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
+import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,6 @@ class LoadedModel:
     name: str
     version: str
     classifier: OnnxClassifier
-    folder: Path
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -131,26 +129,21 @@ class ModelHolder:
         self.metrics.serving(name, version, loaded.dataset_version, loaded.loaded_at)
         if self.predictions is not None:
             self.predictions.record_model(name, version, loaded.dataset_version, loaded.classes)
-        if previous is not None:
-            # queued requests still hold the old session; its files are no longer needed
-            shutil.rmtree(previous.folder, ignore_errors=True)
         was = f" (was v{previous.version})" if previous is not None else ""
         return ReloadResult("loaded", version, f"serving {name} v{version}{was} from {name}@{ref}")
 
     def _load(self, version: str) -> LoadedModel:
-        folder = self._models_dir / f"v{version}-{uuid.uuid4().hex[:8]}"
-        try:
-            onnx_path, card_path = registry.download_version(self.settings, version, folder)
+        # the session and the card live in memory once loaded, so the download is removed at once
+        self._models_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"v{version}-", dir=self._models_dir) as folder:
+            onnx_path, card_path = registry.download_version(self.settings, version, Path(folder))
             classifier = OnnxClassifier.load(onnx_path, card_path, threads=self.settings.serve.threads)
-            for _ in range(WARMUP_RUNS):
-                classifier.run(np.zeros((self.settings.serve.max_batch_size, *classifier.input_shape), np.uint8))
-            problems = classifier.self_check(self.settings.gate.parity_tolerance)
-            if problems:
-                raise VisionloopError("check failed: " + "; ".join(problems))
-        except Exception:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return LoadedModel(self.settings.registry.model_name, version, classifier, folder)
+        for _ in range(WARMUP_RUNS):
+            classifier.run(np.zeros((self.settings.serve.max_batch_size, *classifier.input_shape), np.uint8))
+        problems = classifier.self_check(self.settings.gate.parity_tolerance)
+        if problems:
+            raise VisionloopError("check failed: " + "; ".join(problems))
+        return LoadedModel(self.settings.registry.model_name, version, classifier)
 
     async def poll_forever(self) -> None:
         interval = self.settings.serve.poll_seconds

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +54,10 @@ def serve(settings: Settings, access_log: bool = False, on_started: Callable[[st
     )
     server = _Server(config)
     server.on_started = on_started
+    # uvicorn turns SIGTERM and Ctrl-C into a graceful shutdown, then re-raises the signal to the handler it
+    # found (the CLI's: "interrupted", exit 130, or a KeyboardInterrupt); a drained, finished server exits 0
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: None)
     server.run()
     if not server.started:  # the port was taken, the lifespan failed, …: uvicorn has said why
         raise SystemExit(1)

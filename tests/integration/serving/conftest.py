@@ -69,9 +69,12 @@ class ServerProcess:
         raise AssertionError(f"server never logged {pattern!r}:\n{self.log}")
 
 
-def launch(home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 90) -> ServerProcess:
+def launch(
+    home: Path, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None, timeout: float = 90
+) -> ServerProcess:
+    """``visionloop serve --port 0 ARGS`` (``command`` replaces ``visionloop``), once it says where it listens."""
     process = subprocess.Popen(
-        [*COMMAND, "serve", "--port", "0", *args],
+        [*(command or COMMAND), "serve", "--port", "0", *args],
         env=env or server_env(home),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -101,8 +104,10 @@ def launch(home: Path, *args: str, env: dict[str, str] | None = None, timeout: f
 def start_server() -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
-    def start(settings: Settings, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-        server = launch(settings.home, "--model-name", settings.registry.model_name, *args, env=env)
+    def start(
+        settings: Settings, *args: str, env: dict[str, str] | None = None, command: list[str] | None = None
+    ) -> ServerProcess:
+        server = launch(settings.home, "--model-name", settings.registry.model_name, *args, env=env, command=command)
         started.append(server)
         return server
 
