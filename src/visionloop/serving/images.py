@@ -68,9 +68,14 @@ def decode(data: bytes, image_size: int, channels: int, max_pixels: int, convert
             converted = f"{img.mode}->{target}"
         try:
             img.load()
-            pixels = to_array(img, image_size, channels)
         except Exception as exc:  # truncated or corrupt pixel data
             raise ApiError(422, f"{name}: image data is damaged or truncated: {exc}", "damaged_image") from None
+        try:
+            pixels = to_array(img, image_size, channels)
+        except Exception as exc:  # a mode Pillow cannot convert (e.g. LAB -> RGB)
+            raise ApiError(
+                422, f"{name}: cannot convert image mode {img.mode} to {target}: {exc}", "image_mode"
+            ) from None
     return DecodedImage(pixels, width, height, img.mode, converted)
 
 

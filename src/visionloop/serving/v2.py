@@ -96,6 +96,8 @@ def parse_infer(
         raise _bad("input 'parameters' must be an object")
     if "binary_data_size" in params:
         size = params["binary_data_size"]
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise _bad(f"binary_data_size must be an integer number of bytes, got {size!r}")
         if header_length is None:
             raise _bad("binary_data_size given but no Inference-Header-Content-Length header")
         if size != len(binary) or size != count:
