@@ -254,6 +254,12 @@ def report(rows: list[dict], ceiling_rate: float, ceiling_one: float, args: argp
             and (concurrency is None or r["concurrency"] == concurrency)
         ]
 
+    if naive.get(32):
+        console.print(
+            f"bound: at concurrency 32 no server can beat the naive one by more than ceiling ÷ naive = "
+            f"{ceiling_rate / naive[32]:.2f}× here; batching itself can gain at most ceiling ÷ batch-1 = "
+            f"{ceiling_rate / ceiling_one:.2f}× in model time"
+        )
     targets = {}
     ours32 = pick("visionloop serve", "/predict", 32)
     if ours32 and ours32[0]["vs_naive"]:
