@@ -151,7 +151,9 @@ class ServeSettings(_Group):
     log_predictions: bool = Field(
         True, description="Record every prediction in <home>/serving/predictions.db for monitoring."
     )
-    drain_seconds: float = Field(20.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish.")
+    drain_seconds: int = Field(
+        20, ge=1, le=3600, description="On SIGTERM, how many seconds in-flight requests may take to finish."
+    )
 
 
 class Settings(BaseSettings):

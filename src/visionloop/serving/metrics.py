@@ -1,7 +1,7 @@
 """The service's Prometheus metrics. Each app owns a registry, so tests can run several in one process.
 
-Names follow Prometheus conventions (``_total`` counters, ``_seconds`` durations, base units); the
-monitoring rules and dashboards under ``deploy/monitoring`` query exactly these.
+Names follow Prometheus conventions (``_total`` counters, ``_seconds`` durations, base units), so
+alert rules and dashboards can be written against them as they stand.
 """
 
 from __future__ import annotations

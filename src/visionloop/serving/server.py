@@ -49,7 +49,7 @@ def serve(settings: Settings, access_log: bool = False, on_started: Callable[[st
         port=settings.serve.port,
         access_log=access_log,
         log_level="info" if access_log else "warning",
-        timeout_graceful_shutdown=int(settings.serve.drain_seconds) or None,
+        timeout_graceful_shutdown=settings.serve.drain_seconds,
         lifespan="on",
     )
     server = _Server(config)
