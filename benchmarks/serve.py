@@ -30,6 +30,7 @@ not the model, is the whole cost).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -40,6 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,7 @@ from visionloop.inference import OnnxClassifier
 HERE = Path(__file__).resolve().parent
 VISIONLOOP = Path(sys.executable).with_name("visionloop")
 DEFAULT_KSERVE = Path("/work/kserve-venv/bin/python")
-console = Console()
+console = Console(width=150)  # the table is wide; keep it unwrapped in logs and pipes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -159,18 +161,28 @@ def wait_ready(process: subprocess.Popen, url: str, timeout: float = 120.0) -> N
     raise SystemExit(f"{url} not ready after {timeout:.0f} s")
 
 
+@dataclass
 class Server:
-    def __init__(self, label: str, command: list[str], ready_path: str, port: int, env: dict[str, str]) -> None:
-        self.label, self.port = label, port
-        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_ready(self.process, f"http://127.0.0.1:{port}{ready_path}")
+    label: str
+    port: int
 
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
+
+@contextlib.contextmanager
+def started(label: str, command: list[str], ready_path: str, env: dict[str, str]) -> Iterator[Server]:
+    """Start a server on a free port (``{port}`` in ``command``), wait until ``ready_path`` answers, stop it after."""
+    port = free_port()
+    process = subprocess.Popen(
+        [part.format(port=port) for part in command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_ready(process, f"http://127.0.0.1:{port}{ready_path}")
+        yield Server(label, port)
+    finally:
+        process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=30)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            process.kill()
 
 
 def measure(
@@ -307,45 +319,28 @@ def main(argv: list[str] | None = None) -> None:
         predict = build_request("/predict", body, headers)
         v2 = v2_binary_request(model)
         rows: list[dict] = []
-        python = sys.executable
+        common = ["--threads", str(args.threads), "--port", "{port}"]
         for style in ("async", "sync"):
-            port = free_port()
-            server = Server(
-                f"naive FastAPI ({style})",
-                [python, str(HERE / "naive_server.py"), "--model", str(model.onnx), "--card", str(model.card),
-                 "--port", str(port), "--threads", str(args.threads), "--style", style],
-                "/docs", port, env,
-            )  # fmt: skip
-            try:
+            naive = [
+                sys.executable,
+                str(HERE / "naive_server.py"),
+                "--model",
+                str(model.onnx),
+                "--card",
+                str(model.card),
+            ]
+            with started(f"naive FastAPI ({style})", [*naive, *common, "--style", style], "/docs", env) as server:
                 measure(server, "/predict", predict, args, rows)
-            finally:
-                server.stop()
-        port = free_port()
-        server = Server(
-            "visionloop serve",
-            [str(VISIONLOOP), "--home", str(home), "serve", "--port", str(port), "--threads", str(args.threads),
-             "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-             "--poll-seconds", "0"],
-            "/readyz", port, env,
-        )  # fmt: skip
-        try:
+        ours = [str(VISIONLOOP), "--home", str(home), "serve", "--max-batch-size", str(args.max_batch_size),
+                "--max-wait-ms", str(args.max_wait_ms), "--poll-seconds", "0"]  # fmt: skip
+        with started("visionloop serve", [*ours, *common], "/readyz", env) as server:
             measure(server, "/predict", predict, args, rows)
             measure(server, "v2 binary", v2, args, rows)
-        finally:
-            server.stop()
         if args.kserve_python is not None:
-            port = free_port()
-            server = Server(
-                "KServe ModelServer",
-                [str(args.kserve_python), str(HERE / "kserve_server.py"), "--model", str(model.onnx),
-                 "--card", str(model.card), "--port", str(port), "--threads", str(args.threads),
-                 "--name", model.name],
-                "/v2/health/ready", port, env,
-            )  # fmt: skip
-            try:
+            kserve = [str(args.kserve_python), str(HERE / "kserve_server.py"), "--model", str(model.onnx),
+                      "--card", str(model.card), "--name", model.name]  # fmt: skip
+            with started("KServe ModelServer", [*kserve, *common], "/v2/health/ready", env) as server:
                 measure(server, "v2 binary", v2, args, rows)
-            finally:
-                server.stop()
         else:
             console.print("KServe: skipped (no --kserve-python with kserve installed; see the docstring)")
         targets = report(rows, ceiling_rate, ceiling_one, args)
