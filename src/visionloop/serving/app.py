@@ -11,6 +11,7 @@ import base64
 import binascii
 import contextlib
 import gc
+import hmac
 import itertools
 import json
 import logging
@@ -412,7 +413,8 @@ def create_app(settings: Settings) -> FastAPI:
         """Resolves `serve.model_ref` in the registry; loads, checks and swaps in a new version. A version
         that fails its check is refused and the current model keeps serving. Needs
         `Authorization: Bearer <serve.admin_token>` when a token is set."""
-        if serve.admin_token and authorization != f"Bearer {serve.admin_token}":
+        expected = f"Bearer {serve.admin_token}".encode()
+        if serve.admin_token and not hmac.compare_digest((authorization or "").encode(), expected):
             raise ApiError(401, "POST /admin/reload needs 'Authorization: Bearer <serve.admin_token>'", "unauthorized")
         result = await service.holder.reload(force=True)
         if result.result in ("failed", "no_model"):
