@@ -11,8 +11,10 @@ unless ``--home`` says otherwise, and prints:
   fewer mistakes), with the training time of each side;
 - the import time of ``visionloop.pipeline.runner`` + ``mlflow`` in a fresh interpreter, beside the
   start-up of an interpreter that imports nothing (the baseline), since a user waits for both;
-- with ``--repeat N``, the pipeline N times in the same store: the second run finds the source
-  and the dataset version cached, the MLflow tables created and torch/MLflow already imported.
+- with ``--repeat N``, the pipeline N times in the same store: the second run finds every step
+  cached (nothing changed: no training, no new registered version) and ends with "first run X s,
+  second run Y s, ratio"; with ``--no-cache`` the second run runs every step again and only finds
+  the source and the dataset version on disk, the MLflow tables created and torch/MLflow imported.
 
 Every number is measured in this run. Settings come from the same places as the CLI's (a YAML file
 given with --config or ./visionloop.yaml, VISIONLOOP_* variables), then this script's options.
@@ -62,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temporary home afterwards")
     parser.add_argument("--config", type=Path, default=None, help="YAML settings file, as for the CLI")
     parser.add_argument("--repeat", type=int, default=1, help="run the pipeline this many times in the same store")
+    parser.add_argument("--no-cache", action="store_true", help="run every step every time (no step cache)")
     parser.add_argument("--import-repeats", type=int, default=3, help="fresh interpreters per import timing")
     parser.add_argument("--progress", action="store_true", help="show the training progress bar")
     parser.add_argument("--json-out", type=Path, default=None, help="write every number to this JSON file")
@@ -92,19 +95,19 @@ def time_subprocess(code: str, repeats: int) -> list[float]:
     return seconds
 
 
-def run_once(settings: Any, show_progress: bool) -> dict[str, Any]:
+def run_once(settings: Any, show_progress: bool, use_cache: bool = True) -> dict[str, Any]:
     """One ``run_pipeline`` call, with our own wall clock around it and each stage's output kept."""
     stage_seconds: dict[str, float] = {}
     outputs: dict[str, Any] = {}
 
-    def on_stage(name: str, seconds: float, out: Any) -> None:
+    def on_stage(name: str, seconds: float, out: Any, cached: bool) -> None:
         stage_seconds[name] = seconds
         outputs[name] = out
-        console.print(f"  [green]✓[/] {name:<10} {seconds:7.2f} s")
+        console.print(f"  [green]✓[/] {name:<10} {seconds:7.2f} s" + ("  (cached)" if cached else ""))
 
     preloaded = {name: name in sys.modules for name in ("torch", "mlflow")}
     started = time.perf_counter()
-    summary: RunSummary = run_pipeline(settings, show_progress=show_progress, on_stage=on_stage)
+    summary: RunSummary = run_pipeline(settings, show_progress=show_progress, on_stage=on_stage, use_cache=use_cache)
     wall = time.perf_counter() - started
     test_images = summary.images.get("test", 0)
     cnn_error = 1.0 - summary.test_accuracy
@@ -126,6 +129,7 @@ def run_once(settings: Any, show_progress: bool) -> dict[str, Any]:
         # train() counts images / seconds of the optimisation steps only; this inverts it exactly
         "train_loop_seconds": summary.images.get("train", 0) * summary.epochs_run / outputs["train"].images_per_second,
         "epochs_run": summary.epochs_run,
+        "cached_steps": summary.cached_steps,
         "parameters": outputs["train"].parameters,
         "summary": summary.to_dict(),
     }
@@ -213,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i in range(args.repeat):
             console.print(f"[bold]run {i + 1}/{args.repeat}[/]")
-            runs.append(run_once(settings, args.progress))
+            runs.append(run_once(settings, args.progress, use_cache=not args.no_cache))
     finally:
         if temporary and not args.keep:
             shutil.rmtree(home, ignore_errors=True)
@@ -234,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{first['train_images_per_second']:.0f} training images/s on {first['summary']['device']}"
     )
     for i, run in enumerate(runs, 1):
+        if "train" in run["cached_steps"]:
+            console.print(
+                f"run {i}: {', '.join(run['cached_steps'])} cached (unchanged): nothing trained or registered"
+            )
+            continue
         loop, stage = run["train_loop_seconds"], run["stage_seconds"]["train"]
         console.print(
             f"run {i} train stage {stage:.2f} s: {loop:.2f} s in optimisation steps ({100 * loop / stage:.0f}%), "

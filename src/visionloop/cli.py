@@ -44,6 +44,11 @@ data_app = typer.Typer(help="Ingest, validate and preprocess image data.", no_ar
 models_app = typer.Typer(help="Inspect the registry: versions, alias history, rollback.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+pipeline_app = typer.Typer(
+    help="Kubeflow Pipelines: compile the steps of `run` into a KFP pipeline, or submit it to a cluster.",
+    no_args_is_help=True,
+)
+app.add_typer(pipeline_app, name="pipeline")
 
 _STATE: dict[str, Any] = {"config": None, "home": None}
 
@@ -210,13 +215,52 @@ def train_cmd(
         bool | None, typer.Option("--compile/--no-compile", help=describe("train.compile"))
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the last interrupted training from its checkpoint.")] = False,
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc-per-node",
+            min=1,
+            help="Train data-parallel (DDP) in this many processes on this node, under torchrun: one per GPU "
+            "(NCCL), or each with a share of the CPU cores (gloo). train.batch_size stays the global batch.",
+        ),
+    ] = None,
+    nnodes: Annotated[
+        int, typer.Option(min=1, help="Nodes taking part; run the same command on each (needs --rdzv-endpoint).")
+    ] = 1,
+    node_rank: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="This node's rank (0..nnodes-1). Node 0, at --rdzv-endpoint, then holds rank 0: the MLflow run, "
+            "checkpoints and the model. Without it the rendezvous hands out the ranks.",
+        ),
+    ] = None,
+    rdzv_endpoint: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT where the nodes meet: an address of one of them, the same on every node."),
+    ] = None,
+    rdzv_timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds to wait for every node to join before failing.")
+    ] = 300.0,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train the residual CNN on the latest preprocessed dataset, tracked in MLflow."""
-    from visionloop.fsutil import read_json
-    from visionloop.pipeline import steps
+    """Train the residual CNN on the latest preprocessed dataset, tracked in MLflow.
 
+    With --nproc-per-node N the same training runs in N processes under torchrun (DistributedDataParallel):
+    each takes its share of every batch, rank 0 logs to MLflow and writes checkpoints and the model.
+    On several machines, run the same command on each with --nnodes, --rdzv-endpoint (and --node-rank).
+
+    Examples:
+
+      visionloop train --epochs 20
+
+      visionloop train --nproc-per-node 2                        # 2 processes on this machine
+
+      visionloop train --nproc-per-node 8 --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29400   # on node0
+
+      visionloop train --resume --nproc-per-node 1               # a resume may change the process count
+    """
     settings = settings_from(
         sets,
         **{
@@ -228,19 +272,85 @@ def train_cmd(
             "train.compile": compile_model,
         },
     )
+    if nproc_per_node is not None or nnodes > 1 or node_rank is not None or rdzv_endpoint is not None:
+        worker_args = _train_args(epochs, batch_size, lr, seed, device, compile_model, resume, sets, as_json)
+        launch = (nproc_per_node or 1, nnodes, node_rank, rdzv_endpoint, rdzv_timeout)
+        if _train_under_torchrun(settings, resume, worker_args, *launch):
+            return
+    from visionloop.training import distributed
+
+    world = distributed.world_from_env()
+    if not world.distributed:
+        _train_and_hand_over(settings, *_where_to_train(settings, resume), as_json)
+        return
+    # a process started by torchrun: rank 0 decides where the run lives and tracks it; the others train
+    from visionloop.training.train import pick_device
+
+    def plan() -> tuple[Path, Path, str | None]:
+        _check_world(settings, resume, world.size)  # before rank 0 starts an MLflow run
+        return _where_to_train(settings, resume)
+
+    with distributed.process_group(pick_device(settings.train.device).type, settings.train.dist_timeout):
+        try:
+            dataset_dir, work_dir, run_id = distributed.from_rank0(plan)
+            if world.is_rank0:
+                _train_and_hand_over(settings, dataset_dir, work_dir, run_id, as_json)
+            else:
+                _train_untracked(settings, dataset_dir, work_dir, resume=run_id is not None)
+        except VisionloopError as exc:
+            if world.is_rank0:
+                raise
+            if distributed.reported_by_rank0(exc):
+                # rank 0 reports it: leave it the time to, torchrun stops this process once it has
+                time.sleep(10)
+                raise typer.Exit(exc.exit_code) from None
+            raise VisionloopError(f"rank {world.rank}: {exc}") from None
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None  # rank 0's training says what to do next
+
+
+def _started_training(settings: Settings) -> dict[str, str]:
+    """What `train --resume` continues: the dataset, work folder and MLflow run of the last training started."""
+    from visionloop.fsutil import read_json
+
+    started_path = settings.home / "latest" / "train_started.json"
+    if not started_path.is_file():
+        raise VisionloopError("nothing to resume: no training was started under this home")
+    return read_json(started_path)
+
+
+def _dataset_to_train(settings: Settings, resume: bool) -> Path:
+    from visionloop.pipeline import steps
+
     if resume:
-        started_path = settings.home / "latest" / "train_started.json"
-        if not started_path.is_file():
-            raise VisionloopError("nothing to resume: no training was started under this home")
-        started = read_json(started_path)
-        dataset_dir, work_dir, run_id = (
-            Path(started["dataset_dir"]),
-            Path(started["work_dir"]),
-            started["run_id"],
-        )
-    else:
-        dataset_dir = steps.latest(settings.home, "preprocess", steps.PreprocessOutput).dataset_dir
-        work_dir, run_id = steps.new_work_dir(settings.home), None
+        return Path(_started_training(settings)["dataset_dir"])
+    return steps.latest(settings.home, "preprocess", steps.PreprocessOutput).dataset_dir
+
+
+def _check_world(settings: Settings, resume: bool, world_size: int) -> None:
+    """Refuse a number of processes that cannot share the training data (see training/distributed.py)."""
+    from visionloop.data.preprocess import load_manifest
+    from visionloop.training.distributed import check_world
+
+    train_images = sum(load_manifest(_dataset_to_train(settings, resume)).counts["train"].values())
+    check_world(train_images, settings.train.batch_size, world_size)
+
+
+def _where_to_train(settings: Settings, resume: bool) -> tuple[Path, Path, str | None]:
+    """(dataset folder, work folder, MLflow run to continue): the interrupted run's, or new ones."""
+    from visionloop.pipeline import steps
+
+    if resume:
+        started = _started_training(settings)
+        return Path(started["dataset_dir"]), Path(started["work_dir"]), started["run_id"]
+    return _dataset_to_train(settings, resume), steps.new_work_dir(settings.home), None
+
+
+def _train_and_hand_over(
+    settings: Settings, dataset_dir: Path, work_dir: Path, run_id: str | None, as_json: bool
+) -> None:
+    from visionloop.pipeline import steps
+
     try:
         out = steps.train_step(dataset_dir, settings, work_dir, resume_run_id=run_id, show_progress=not as_json)
     except KeyboardInterrupt:
@@ -257,6 +367,94 @@ def train_cmd(
         f"of {out.epochs_run}; {out.parameters:,} parameters; {out.images_per_second:,.0f} img/s; "
         f"MLflow run {out.run_id}",
     )
+
+
+def _train_untracked(settings: Settings, dataset_dir: Path, work_dir: Path, resume: bool) -> None:
+    """DDP ranks other than 0: the same train() call as steps.train_step makes, without MLflow or files."""
+    from visionloop.data.preprocess import load_dataset
+    from visionloop.training.train import train
+
+    dataset = load_dataset(dataset_dir)
+    hflip = dataset.manifest.hflip_ok if settings.data.hflip is None else settings.data.hflip  # as train_step
+    train(dataset, work_dir / "train", settings.train, hflip=hflip, resume=resume, show_progress=False)
+
+
+def _train_args(
+    epochs: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    seed: int | None,
+    device: str | None,
+    compile_model: bool | None,
+    resume: bool,
+    sets: list[str] | None,
+    as_json: bool,
+) -> list[str]:
+    """The command line each training process gets: this one, less the launcher's options."""
+    args = [f"--{name}={value}" for name, value in (("config", _STATE["config"]), ("home", _STATE["home"])) if value]
+    args.append("train")
+    flags = {"--epochs": epochs, "--batch-size": batch_size, "--lr": lr, "--seed": seed, "--device": device}
+    args += [f"{flag}={value}" for flag, value in flags.items() if value is not None]
+    if compile_model is not None:
+        args.append("--compile" if compile_model else "--no-compile")
+    if resume:
+        args.append("--resume")
+    for pair in sets or []:
+        args += ["--set", pair]
+    return [*args, "--json"] if as_json else args
+
+
+def _train_under_torchrun(
+    settings: Settings,
+    resume: bool,
+    worker_args: list[str],
+    nproc_per_node: int,
+    nnodes: int,
+    node_rank: int | None,
+    rdzv_endpoint: str | None,
+    rdzv_timeout: float,
+) -> bool:
+    """Start the training processes under torchrun and wait for them, after checking here what would
+    fail in all of them alike. False when the world is this one process, which then trains as usual."""
+    import os
+
+    # torch's C++ side logs every failed attempt to reach a rendezvous with a stack trace; this process
+    # reports a failed rendezvous in one line instead (torch reads the level once, when imported)
+    user_level = os.environ.get("TORCH_CPP_LOG_LEVEL")
+    os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+    import torch
+
+    from visionloop.training import distributed
+    from visionloop.training.train import pick_device
+
+    del os.environ["TORCH_CPP_LOG_LEVEL"]  # the training processes log as the user asked
+    if user_level is not None:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = user_level
+
+    launch = distributed.Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_timeout)
+    launch.check()
+    if launch.world_size == 1 and rdzv_endpoint is None:
+        return False
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        raise VisionloopError("already running under torchrun: drop --nproc-per-node, --nnodes and the rdzv options")
+    if nnodes == 1 or node_rank == 0:  # the node of rank 0 has the data (and the checkpoint) to check
+        _check_world(settings, resume, launch.world_size)
+    if pick_device(settings.train.device).type == "cuda" and nproc_per_node > torch.cuda.device_count():
+        raise VisionloopError(
+            f"--nproc-per-node {nproc_per_node} but this node has {torch.cuda.device_count()} GPUs: "
+            "start one process per GPU (or use --device cpu)"
+        )
+    threads = settings.train.threads or max(1, (os.cpu_count() or 1) // nproc_per_node)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    try:
+        distributed.launch(launch, "visionloop.cli", worker_args)
+    except distributed.WorkersFailed as exc:
+        if exc.exit_code in (2, 130):  # a clear error, or an interrupt, that the process reported itself
+            raise typer.Exit(exc.exit_code) from None
+        raise
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None  # rank 0 said what to do next
+    return True
 
 
 @app.command("evaluate")
@@ -359,6 +557,14 @@ def summary_table(summary: Any) -> Table:
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
     images = " · ".join(f"{split} {summary.images[split]}" for split in ("train", "val", "test"))
+    if summary.cached_steps:
+        reused = ", ".join(summary.cached_steps)
+        note = (
+            "nothing trained, nothing new registered: the earlier run's model and gate decision stand"
+            if "register" in summary.cached_steps
+            else "the other steps ran"
+        )
+        table.add_row("cached", f"[dim]{reused}[/] unchanged, not run again ({note}; --no-cache runs all)")
     table.add_row("dataset version", summary.dataset_version)
     table.add_row("images", f"{images}  ({escape(summary.source)})")
     table.add_row("CNN test accuracy", f"{summary.test_accuracy:.4f}")
@@ -388,10 +594,18 @@ def run_cmd(
     model_name: NameOpt = None,
     min_accuracy: FloorOpt = None,
     min_improvement: MarginOpt = None,
+    no_cache: Annotated[
+        bool,
+        typer.Option("--no-cache", help="Run every step, even those whose inputs, settings and code are unchanged."),
+    ] = False,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole loop: ingest → validate → preprocess → train → evaluate → export → register → promote.
+
+    A step whose inputs, settings and code are unchanged since an earlier successful run is skipped and
+    its output reused (marked "cached"): run it twice on the same data and the second run trains and
+    registers nothing. --no-cache runs everything again (and registers a new challenger).
 
     Examples:
 
@@ -417,13 +631,16 @@ def run_cmd(
         },
     )
 
-    def on_stage(name: str, seconds: float, _out: Any) -> None:
+    def on_stage(name: str, seconds: float, _out: Any, cached: bool) -> None:
         if not as_json:
-            err.print(f"[green]✓[/] {name:<10} {seconds:6.2f} s")
+            err.print(
+                f"[green]✓[/] {name:<10} {seconds:6.2f} s"
+                + ("  [dim](cached: unchanged, not run)[/]" if cached else "")
+            )
 
     started = time.time()
     try:
-        summary = run_pipeline(settings, show_progress=not as_json, on_stage=on_stage)
+        summary = run_pipeline(settings, show_progress=not as_json, on_stage=on_stage, use_cache=not no_cache)
     except KeyboardInterrupt:
         resume_from = settings.home / "latest" / "train_started.json"
         hint = (
@@ -526,6 +743,121 @@ def models_rollback(
         _print_json(asdict(event))
     else:
         console.print(f"champion rolled back: v{event.from_version} → v{event.to_version}")
+
+
+# ------------------------------------------------------------------------------------------ pipeline (Kubeflow)
+
+ImageOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Container image every step runs in; it must have visionloop installed "
+        "(default ghcr.io/visionloop/visionloop:latest)."
+    ),
+]
+
+
+@pipeline_app.command("compile")
+def pipeline_compile(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the pipeline (KFP IR YAML).")] = Path(
+        "visionloop-pipeline.yaml"
+    ),
+    image: ImageOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compile the Kubeflow pipeline: the eight steps of `visionloop run`, one KFP component each.
+
+    Upload the file in the Kubeflow Pipelines UI (or use `visionloop pipeline submit`). Run parameters:
+    settings_json (settings as JSON; {} = the image's defaults), tracking_uri (an MLflow server every
+    pod can reach), cpu, memory (limits of every step) and gpus (nvidia.com/gpu of the train step).
+
+    Examples:
+
+      visionloop pipeline compile                          # ./visionloop-pipeline.yaml
+
+      visionloop pipeline compile --output deploy/kubeflow/visionloop-pipeline.yaml
+
+      visionloop pipeline compile --image registry.example.com/visionloop:0.1.0 -o pipeline.yaml
+    """
+    from visionloop.pipeline import kubeflow
+
+    image = image or kubeflow.DEFAULT_IMAGE
+    written = kubeflow.compile_pipeline(output, image)
+    if as_json:
+        _print_json({"output": str(written), "image": image, "steps": list(kubeflow.STEPS)})
+    else:
+        console.print(f"wrote {written}: {' → '.join(kubeflow.STEPS)} in {image}", highlight=False)
+
+
+@pipeline_app.command("submit")
+def pipeline_submit(
+    host: Annotated[
+        str,
+        typer.Option(
+            envvar="KF_PIPELINES_ENDPOINT",
+            help="Kubeflow Pipelines API URL, e.g. http://localhost:8080 (a port-forward of ml-pipeline-ui) "
+            "or https://kubeflow.example.com/pipeline.",
+        ),
+    ],
+    experiment: Annotated[str, typer.Option(help="KFP experiment to file the run under (created if missing).")] = (
+        "visionloop"
+    ),
+    run_name: Annotated[str | None, typer.Option(help="Run name in the KFP UI (default: visionloop <time>).")] = None,
+    params: Annotated[
+        list[str] | None,
+        typer.Option("--param", help="A run parameter as KEY=VALUE: tracking_uri, cpu, memory or gpus (repeatable)."),
+    ] = None,
+    image: ImageOpt = None,
+    namespace: Annotated[
+        str | None, typer.Option(help="Kubernetes namespace of the run (multi-user Kubeflow: your profile).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the KFP API to connect or answer.")] = 10.0,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compile the pipeline and start a run of it on a Kubeflow Pipelines cluster.
+
+    The run gets these settings (--config, --set, VISIONLOOP_*) as settings_json. The steps need an
+    MLflow server every pod can reach: --param tracking_uri=URL, --set registry.tracking_uri=URL, or
+    MLFLOW_TRACKING_URI in the pods. An unreachable host fails after --timeout seconds.
+
+    Examples:
+
+      kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80 &
+
+      visionloop pipeline submit --host http://localhost:8080 --param tracking_uri=http://mlflow.mlflow:5000
+
+      visionloop pipeline submit --host http://localhost:8080 --param gpus=1 --param memory=16Gi \\
+          --set data.source=s3://bucket/images --set train.epochs=40 --run-name nightly
+    """
+    from dataclasses import asdict
+
+    from visionloop.pipeline import kubeflow
+
+    settings = settings_from(sets)
+    parameters = kubeflow.parse_parameters(params)
+    submitted = kubeflow.submit_pipeline(
+        host,
+        settings,
+        parameters,
+        experiment=experiment,
+        run_name=run_name,
+        image=image or kubeflow.DEFAULT_IMAGE,
+        namespace=namespace,
+        timeout=timeout,
+    )
+    if as_json:
+        _print_json(asdict(submitted))
+        return
+    console.print(
+        f"submitted run {submitted.run_id} ({escape(submitted.run_name)}) to experiment "
+        f"{escape(submitted.experiment)}\n  {submitted.run_url}",
+        highlight=False,
+    )
+    if not (parameters.get("tracking_uri") or settings.registry.tracking_uri):
+        err.print(
+            "[yellow]note:[/] no tracking URI given: the steps use MLFLOW_TRACKING_URI from their pods "
+            "and fail if it is unset (--param tracking_uri=URL)"
+        )
 
 
 # ------------------------------------------------------------------------------------------ serve

@@ -81,7 +81,16 @@ class TrainSettings(_Group):
     seed: int = Field(0, description="Seed for initialisation, augmentation and shuffling (CPU runs repeat exactly).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' takes CUDA when present.")
     compile: bool = Field(False, description="torch.compile the model (CUDA only).")
-    threads: int = Field(0, ge=0, description="CPU threads for torch; 0 uses every core.")
+    threads: int = Field(
+        0, ge=0, description="CPU threads for torch per process; 0 shares every core among a node's processes."
+    )
+    dist_timeout: float = Field(
+        300.0,
+        gt=0,
+        le=86_400,
+        description="Distributed training: seconds a process waits for the others in a collective (all-reduce, "
+        "barrier) before failing, instead of hanging when a peer is gone.",
+    )
 
 
 class GateSettings(_Group):

@@ -284,6 +284,11 @@ def alias_version(settings: Settings, alias: str) -> str | None:
         return None
 
 
+def aliases_of(settings: Settings, version: str) -> list[str]:
+    """Which of champion and challenger point at ``version`` now."""
+    return [alias for alias in (CHAMPION, CHALLENGER) if alias_version(settings, alias) == version]
+
+
 def history(settings: Settings) -> list[AliasEvent]:
     client = connect(settings)
     try:

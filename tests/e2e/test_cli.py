@@ -7,6 +7,7 @@ data is tiny so that a whole training run costs seconds, most of them Python imp
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import time
@@ -113,7 +114,7 @@ def closed_port() -> int:
 # ---------------------------------------------------------------------------------- run
 
 
-def test_run_prints_one_json_object_and_a_rerun_registers_version_2(cli: Any) -> None:
+def test_run_prints_one_json_object_a_rerun_is_cached_and_no_cache_registers_version_2(cli: Any) -> None:
     result = cli.ok("run", "--json", *TINY_RUN)
     assert len(result.stdout.strip().splitlines()) == 1
     first = json.loads(result.stdout)
@@ -127,7 +128,18 @@ def test_run_prints_one_json_object_and_a_rerun_registers_version_2(cli: Any) ->
     assert first["champion_version"] == "1"
     assert "Traceback" not in result.stderr
 
-    second = cli.json("run", *TINY_RUN)
+    # nothing changed: every step after ingest is reused, nothing is trained or registered, and it says so
+    cached = cli.ok("run", *TINY_RUN)
+    for step in ("validate", "preprocess", "train", "evaluate", "export", "register", "promote"):
+        assert re.search(rf"{step} .*cached: unchanged, not run", cached.stderr), cached.stderr
+    assert "cached" in cached.stdout
+    again = cli.json("run", *TINY_RUN)
+    assert again["cached_steps"] == ["validate", "preprocess", "train", "evaluate", "export", "register", "promote"]
+    assert (again["model_version"], again["run_id"]) == ("1", first["run_id"])
+    assert registered_versions(cli.home) == ["1"]
+
+    second = cli.json("run", "--no-cache", *TINY_RUN)
+    assert second["cached_steps"] == []
     assert second["dataset_version"] == first["dataset_version"]
     assert second["model_version"] == "2"
     assert second["run_id"] != first["run_id"]

@@ -127,10 +127,14 @@ def latest_raw(home: Path, step: str) -> dict[str, Any]:
     return read_json(path)
 
 
-def latest(home: Path, step: str, cls: type) -> Any:
-    data = latest_raw(home, step)
+def from_json(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a step output written by ``as_json`` (paths become Paths again)."""
     hints = cls.__annotations__
     return cls(**{k: Path(v) if "Path" in str(hints.get(k, "")) and v is not None else v for k, v in data.items()})
+
+
+def latest(home: Path, step: str, cls: type) -> Any:
+    return from_json(cls, latest_raw(home, step))
 
 
 def new_work_dir(home: Path) -> Path:
@@ -372,5 +376,5 @@ def promote_step(version: str, dataset_dir: Path, settings: Settings) -> Promote
     dataset = load_dataset(dataset_dir)
     x_test, y_test = dataset.part("test")
     decision = registry.promote_if_better(settings, version, x_test, y_test)
-    aliases = [a for a in (registry.CHAMPION, registry.CHALLENGER) if registry.alias_version(settings, a) == version]
+    aliases = registry.aliases_of(settings, version)
     return PromoteOutput(**decision.to_dict(), model_name=settings.registry.model_name, aliases=aliases)

@@ -8,6 +8,10 @@
   schedule, RNG states and history, so ``resume=True`` continues an interrupted run exactly
   (and refuses to, with a TrainingError, under other epochs, batch size, lr or schedule).
 - On CPU a fixed seed gives the same weights run after run.
+- Under torchrun (``WORLD_SIZE`` > 1) the same loop runs data-parallel with DistributedDataParallel:
+  each rank trains on its share of every global batch, metrics are summed across ranks, and rank 0
+  alone writes checkpoints and the model and calls ``on_epoch``. The rules live in
+  ``training/distributed.py``; the places below where ranks behave differently say "DDP".
 
 MLflow is not imported here: the caller passes ``on_epoch`` to log metrics wherever it wants.
 """
@@ -26,11 +30,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.nn.parallel import DistributedDataParallel
 
 from visionloop.config import TrainSettings
 from visionloop.data.preprocess import Dataset
 from visionloop.errors import TrainingError
 from visionloop.fsutil import atomic_write_bytes
+from visionloop.training import distributed
 from visionloop.training.augment import augment
 from visionloop.training.model import ModelSpec, ResidualCNN, auto_size, count_parameters
 
@@ -56,6 +62,7 @@ class TrainResult:
     parameters: int = 0
     temperature: float = 1.0
     history: list[dict[str, float]] = field(default_factory=list)
+    world_size: int = 1  # training processes (DDP ranks); 1 without torchrun
 
 
 def pick_device(requested: str) -> torch.device:
@@ -166,6 +173,45 @@ def _checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def _read_checkpoint(path: Path, dataset_version: str, spec: ModelSpec, settings: TrainSettings) -> dict[str, Any]:
+    """The checkpoint a resume continues from, after checking that it belongs to this run."""
+    if not path.is_file():
+        raise TrainingError(f"--resume given but there is no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise TrainingError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from None
+    if ckpt["dataset_version"] != dataset_version or ckpt["spec"] != spec.to_dict():
+        raise TrainingError(
+            f"checkpoint {path} belongs to another dataset or model shape "
+            f"({ckpt['dataset_version']} vs {dataset_version}); train without --resume"
+        )
+    trained_with = ckpt.get("train_settings", {})
+    changed = [
+        f"{k}={trained_with[k]!r}" for k in RESUME_KEYS if k in trained_with and trained_with[k] != getattr(settings, k)
+    ]
+    if changed:
+        raise TrainingError(
+            f"checkpoint {path} was trained with {', '.join(changed)}; resume with the same "
+            "training settings, or train without --resume"
+        )
+    return ckpt
+
+
+def _validate(
+    model: ResidualCNN, x_val: torch.Tensor, y_val: torch.Tensor, world: distributed.World, device: torch.device
+) -> tuple[float, float]:
+    """Loss and accuracy on the whole val split. DDP: each rank scores its share; the sums are all-reduced."""
+    x, y = distributed.rank_share(x_val, world), distributed.rank_share(y_val, world)
+    sums = torch.zeros(2, dtype=torch.float64)
+    if len(x):
+        probs = predict_proba(model, x)
+        sums[0] = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y, reduction="sum")
+        sums[1] = (probs.argmax(1) == y).sum()
+    nll_sum, correct = distributed.all_reduce_sum(sums.to(device)).tolist()
+    return nll_sum / len(x_val), correct / len(x_val)
+
+
 def train(
     dataset: Dataset,
     out_dir: Path,
@@ -175,15 +221,37 @@ def train(
     on_epoch: EpochCallback | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
-    """Train on ``dataset``'s train split, early-stop on its val split; write ``out_dir/model.pt``."""
+    """Train on ``dataset``'s train split, early-stop on its val split; write ``out_dir/model.pt``.
+
+    Started by torchrun, every process calls this and they train one model together (DDP); rank 0
+    writes the files and calls ``on_epoch``, and ``train()`` returns on every rank once it has.
+    """
     device = pick_device(settings.device)
-    if device.type == "cpu":
-        torch.set_num_threads(settings.threads or os.cpu_count() or 1)
+    with distributed.process_group(device.type, settings.dist_timeout) as world:
+        return _train(dataset, out_dir, settings, device, world, hflip, resume, on_epoch, show_progress)
+
+
+def _train(
+    dataset: Dataset,
+    out_dir: Path,
+    settings: TrainSettings,
+    device: torch.device,
+    world: distributed.World,
+    hflip: bool,
+    resume: bool,
+    on_epoch: EpochCallback | None,
+    show_progress: bool,
+) -> TrainResult:
+    if device.type == "cuda" and world.distributed:
+        device = torch.device("cuda", world.local_rank)  # DDP: one GPU per process
+    if device.type == "cpu":  # DDP: the processes on a node share its cores
+        torch.set_num_threads(settings.threads or max(1, (os.cpu_count() or 1) // world.local_size))
     manifest = dataset.manifest
     x_train, y_train = (torch.from_numpy(a) for a in dataset.part("train"))
     x_val, y_val = (torch.from_numpy(a) for a in dataset.part("val"))
     if len(x_train) == 0 or len(x_val) == 0:
         raise TrainingError("the dataset has an empty train or val split")
+    distributed.check_world(len(x_train), settings.batch_size, world.size)
     # Data resident on the device: uint8 is 4x smaller than float, converted per batch.
     x_train, y_train = x_train.to(device), y_train.to(device)
 
@@ -198,41 +266,26 @@ def train(
         std=tuple(manifest.std),
     )
     torch.manual_seed(settings.seed)
+    # Shuffles (and, in a single process, augments): every DDP rank draws the same numbers from it.
     generator = torch.Generator().manual_seed(settings.seed)
     model = ResidualCNN(spec).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    # the number of steps depends on the global batch only, so a schedule resumes under any world size
     steps_per_epoch = math.ceil(len(x_train) / settings.batch_size)
     scheduler = make_scheduler(optimizer, settings, settings.epochs * steps_per_epoch, steps_per_epoch)
     max_shift = max(1, manifest.image_size // 8)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if world.is_rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
     last_path = out_dir / "last.pt"
     start_epoch, best_acc, best_epoch, best_state = 0, -1.0, 0, None
     history: list[dict[str, float]] = []
     resumed_from = None
-    if resume and last_path.is_file():
-        try:
-            ckpt = torch.load(last_path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise TrainingError(f"checkpoint {last_path} is unreadable ({exc}); delete it to start over") from None
-        if ckpt["dataset_version"] != manifest.version or ckpt["spec"] != spec.to_dict():
-            raise TrainingError(
-                f"checkpoint {last_path} belongs to another dataset or model shape "
-                f"({ckpt['dataset_version']} vs {manifest.version}); train without --resume"
-            )
-        trained_with = ckpt.get("train_settings", {})
-        changed = [
-            f"{k}={trained_with[k]!r}"
-            for k in RESUME_KEYS
-            if k in trained_with and trained_with[k] != getattr(settings, k)
-        ]
-        if changed:
-            raise TrainingError(
-                f"checkpoint {last_path} was trained with {', '.join(changed)}; resume with the same "
-                "training settings, or train without --resume"
-            )
+    if resume:
+        # DDP: rank 0 reads the checkpoint and hands it to every rank (only rank 0 writes them)
+        ckpt = distributed.from_rank0(lambda: _read_checkpoint(last_path, manifest.version, spec, settings))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -241,10 +294,13 @@ def train(
         start_epoch, best_acc, best_epoch = ckpt["epoch"], ckpt["best_acc"], ckpt["best_epoch"]
         best_state, history = ckpt["best_state"], ckpt["history"]
         resumed_from = start_epoch
-    elif resume:
-        raise TrainingError(f"--resume given but there is no checkpoint at {last_path}")
 
-    step_model = torch.compile(model) if settings.compile and device.type == "cuda" else model
+    # DDP: the wrapper broadcasts rank 0's weights now and averages the gradients in every backward
+    # pass; everything else (checkpoints, evaluation, the model file) uses the plain module.
+    ddp_model: torch.nn.Module = model
+    if world.distributed:
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step_model = torch.compile(ddp_model) if settings.compile and device.type == "cuda" else ddp_model
     train_seconds, images_seen, stopped_early = 0.0, 0, False
     progress = Progress(
         TextColumn("[bold]train"),
@@ -252,7 +308,7 @@ def train(
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
-        disable=not show_progress,
+        disable=not (show_progress and world.is_rank0),
         transient=False,
     )
     with progress:
@@ -261,14 +317,22 @@ def train(
             if epoch - best_epoch >= settings.patience and best_state is not None:
                 stopped_early = True
                 break
-            model.train()
+            ddp_model.train()
             started = time.perf_counter()
-            order = torch.randperm(len(x_train), generator=generator).to(device)
+            order = torch.randperm(len(x_train), generator=generator)
+            order = distributed.pad_to_world(order, settings.batch_size, world.size).to(device)
+            # DDP: each rank augments its images from its own generator, seeded from the shared one,
+            # so no two ranks draw the same shifts and the checkpointed generator is all the state there is
+            augment_generator = generator
+            if world.distributed:
+                seed = int(torch.randint(2**62, (1,), generator=generator))
+                augment_generator = torch.Generator().manual_seed(seed + world.rank)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)
             for start in range(0, len(order), settings.batch_size):
-                idx = order[start : start + settings.batch_size]
-                batch = augment(to_float(x_train[idx]), max_shift, hflip, generator)
+                # DDP: the global batch is order[start : start + batch_size]; this rank trains on its share
+                idx = distributed.rank_share(order[start : start + settings.batch_size], world)
+                batch = augment(to_float(x_train[idx]), max_shift, hflip, augment_generator)
                 target = y_train[idx]
                 logits = run_model(step_model, batch, device)
                 loss = F.cross_entropy(logits.float(), target, label_smoothing=settings.label_smoothing)
@@ -283,15 +347,16 @@ def train(
             elapsed = time.perf_counter() - started
             train_seconds += elapsed
             images_seen += len(order)
-            if not math.isfinite(float(loss_sum)):
+            # DDP: sums over every rank, so all ranks see the same numbers and stop early together
+            loss_total, correct_total = distributed.all_reduce_sum(torch.stack([loss_sum, correct])).tolist()
+            if not math.isfinite(loss_total):
                 raise TrainingError(f"training diverged at epoch {epoch + 1} (loss is not finite); lower train.lr")
 
-            probs = predict_proba(model, x_val)
-            val_loss = F.nll_loss(torch.log(probs.clamp_min(1e-12)), y_val).item()
-            val_acc = (probs.argmax(1) == y_val).float().mean().item()
+            distributed.broadcast_buffers(model)  # DDP: rank 0's BatchNorm statistics everywhere
+            val_loss, val_acc = _validate(model, x_val, y_val, world, device)
             metrics = {
-                "train_loss": float(loss_sum) / len(order),
-                "train_accuracy": float(correct) / len(order),
+                "train_loss": loss_total / len(order),
+                "train_accuracy": correct_total / len(order),
                 "val_loss": val_loss,
                 "val_accuracy": val_acc,
                 "lr": optimizer.param_groups[0]["lr"],
@@ -301,6 +366,8 @@ def train(
             if val_acc > best_acc:
                 best_acc, best_epoch = val_acc, epoch + 1
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if not world.is_rank0:  # DDP: logging and checkpoints are rank 0's
+                continue
             if on_epoch is not None:  # before the checkpoint: an epoch is never saved but unlogged
                 on_epoch(epoch + 1, metrics)
             _checkpoint(
@@ -325,13 +392,20 @@ def train(
 
     assert best_state is not None  # at least one epoch ran, or resume restored one
     model.load_state_dict(best_state)
-    model.temperature.fill_(fit_temperature(predict_logits(model, x_val), y_val))
+    # DDP: rank 0 fits the temperature and writes the model; every rank learns the temperature, and
+    # the barrier holds the others until the file exists
+    temperature = distributed.from_rank0(lambda: fit_temperature(predict_logits(model, x_val), y_val))
+    model.temperature.fill_(temperature)
     model_path = out_dir / "model.pt"
-    save_model(model_path, model.cpu(), manifest.classes, manifest.version)
+    if world.is_rank0:
+        save_model(model_path, model.cpu(), manifest.classes, manifest.version)
+    distributed.barrier()
     return TrainResult(
         model_path=model_path,
         spec=spec,
-        device=str(device),
+        device=f"{device.type} x{world.size} (DDP, {distributed.backend_for(device.type)})"
+        if world.distributed
+        else str(device),
         epochs_run=len(history),
         best_epoch=best_epoch,
         best_val_accuracy=best_acc,
@@ -342,4 +416,5 @@ def train(
         parameters=count_parameters(model),
         temperature=float(model.temperature),
         history=history,
+        world_size=world.size,
     )

@@ -24,9 +24,10 @@ def two_runs(
     tmp_path_factory: pytest.TempPathFactory, module_env: pytest.MonkeyPatch, make_settings: Callable[..., Settings]
 ) -> dict[str, Any]:
     settings = make_settings(tmp_path_factory.mktemp("runner") / "home")
-    seen: list[tuple[str, float, Any]] = []
+    seen: list[tuple[str, float, Any, bool]] = []
     first = run_pipeline(settings, show_progress=False, on_stage=lambda *args: seen.append(args))
-    second = run_pipeline(settings, show_progress=False)
+    # without the step cache an unchanged second run trains and registers again (test_cache.py has the cached one)
+    second = run_pipeline(settings, show_progress=False, use_cache=False)
     return {"settings": settings, "first": first, "second": second, "stages_seen": seen}
 
 
@@ -62,8 +63,9 @@ def test_first_run_fills_the_summary_and_promotes(two_runs: dict[str, Any]) -> N
 
 def test_on_stage_is_called_once_per_stage_in_order(two_runs: dict[str, Any]) -> None:
     seen = two_runs["stages_seen"]
-    assert [name for name, _, _ in seen] == STAGES
-    outputs = {name: out for name, _, out in seen}
+    assert [name for name, _, _, _ in seen] == STAGES
+    assert not any(cached for _, _, _, cached in seen)  # a first run in a new home reuses nothing
+    outputs = {name: out for name, _, out, _ in seen}
     assert isinstance(outputs["train"], steps.TrainOutput)
     assert isinstance(outputs["promote"], steps.PromoteOutput)
 
