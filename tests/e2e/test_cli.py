@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import typer
+from e2e_helpers import mlflow_client, registered_versions  # this folder is on sys.path
 
 from visionloop.cli import app
 
@@ -68,18 +69,6 @@ RUN_KEYS = {
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def mlflow_client(home: Path) -> Any:
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{(home / 'mlflow.db').resolve()}")
-
-
-def registered_versions(home: Path) -> list[str]:
-    if not (home / "mlflow.db").is_file():
-        return []
-    return sorted(str(mv.version) for mv in mlflow_client(home).search_model_versions(""))
 
 
 def dataset_dirs(home: Path) -> list[str]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_helpers import mlflow_client, registered_versions  # this folder is on sys.path
 
 pytestmark = pytest.mark.slow
 
@@ -40,18 +41,6 @@ train:
 gate:
   min_accuracy: 0.0
 """
-
-
-def mlflow_client(home: Path) -> Any:
-    import mlflow
-
-    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{(home / 'mlflow.db').resolve()}")
-
-
-def registered_versions(home: Path) -> list[str]:
-    if not (home / "mlflow.db").is_file():
-        return []
-    return sorted(str(mv.version) for mv in mlflow_client(home).search_model_versions(""))
 
 
 def free_port() -> int:
