@@ -90,21 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_worker(args: argparse.Namespace) -> int:
     """Train once; rank 0 writes the figures. Every process torchrun started runs this."""
-    from train_throughput import build_dataset
-    from visionloop.config import TrainSettings
+    from train_throughput import bench_settings, build_dataset
     from visionloop.training.train import train
 
     dataset = build_dataset(args)
-    settings = TrainSettings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        width=args.width,
-        depth=args.depth,
-        device=args.device,
-        seed=args.seed,
-        threads=args.threads,
-        patience=args.epochs + 1,  # no early stop: every variant runs every epoch
-    )
+    settings = bench_settings(args, args.device, threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="visionloop-ddp-bench-") as out:
         result = train(dataset, Path(out), settings, hflip=dataset.manifest.hflip_ok, show_progress=False)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -168,6 +168,20 @@ def build_dataset(args: argparse.Namespace) -> Dataset:
 # ------------------------------------------------------------------------------------ the runs
 
 
+def bench_settings(args: argparse.Namespace, device: str, **extra: Any) -> TrainSettings:
+    """The training settings every throughput variant shares: the script's options, no early stopping."""
+    return TrainSettings(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        width=args.width,
+        depth=args.depth,
+        device=device,
+        seed=args.seed,
+        patience=args.epochs + 1,  # no early stop: every variant runs every epoch
+        **extra,
+    )
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -342,15 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         console.print(f"cuDNN may use TF32 for fp32 convolutions: {torch.backends.cudnn.allow_tf32}")
 
-    settings = TrainSettings(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        width=args.width,
-        depth=args.depth,
-        device=device.type,
-        seed=args.seed,
-        patience=args.epochs + 1,  # no early stop: every variant runs every epoch
-    )
+    settings = bench_settings(args, device.type)
     # (name, "train" or "eager", settings); the train() default comes first, the eager loop takes its model spec.
     variants: list[tuple[str, str, TrainSettings]] = [("train()", "train", settings)]
     if args.compile and device.type == "cuda":
