@@ -8,32 +8,75 @@ moves ``champion`` to it only if it clears an absolute floor and beats the curre
 same test set. Every alias move is appended to the registered model's tags as one
 ``visionloop.alias_event.NNNNNN`` JSON record (when, alias, from, to, why), which any MLflow backend
 stores, so ``models history`` and ``models rollback`` work against a shared server too.
+
+Time bounds. MLflow's HTTP client retries a failed request for minutes by default, so a registry
+that went away looks like a hang. Every operation here runs with ``registry.timeout_seconds`` as
+the HTTP timeout of each request, no retries (the caller, a person or a CI job, decides whether to
+try again), and as SQLite's busy timeout. MLflow reads those from environment variables at each
+request; they are set for the length of one operation and put back afterwards, and operations of
+one process take turns, so no other Settings in the process ever sees them.
+
+Concurrency. Two promotions (or a promotion and a rollback) of one model may run at once: two CI
+jobs, the loop and a person. MLflow has no compare-and-set on aliases or tags, so each holds the
+model's lock from reading the champion to writing the history event. The lock is built from two
+things every backend does consistently, creating and listing registered models:
+
+- a contender creates a registered model of its own, ``<model>.visionloop-lock.<random>`` (its
+  lease; tags name the holder and the lease length), then lists ``<model>.visionloop-lock.*``;
+- when its lease is the only live one, it holds the lock; otherwise it deletes its lease, waits a
+  random moment and tries again. Each creates before it lists, so of two contenders the one that
+  lists last sees the other's lease: two never both find themselves alone;
+- a lease expires ``10 * timeout_seconds`` after the store created it, so a holder that crashed
+  blocks the others only that long: whoever lists an expired lease deletes it (lease names are
+  never reused, so that deletes nothing else). Expiry is judged by the store's clock (the creation
+  time of one's own new lease), so clocks of different machines need not agree. A holder checks,
+  by its own clock, that its lease still has time before it writes, and gives up, moving nothing,
+  if not; a contender that waits longer than a lease gives up too.
+
+Under the lock the champion is read again and, if it moved since the challenger was compared with
+it, the new champion is scored before the gate decides; the next event number is read there too, so
+event numbers stay unique and contiguous. Leases are registered models of their own, so ``models
+list`` and ``models history`` (the versions and tags of the model itself) never show them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import io
 import json
+import logging
+import math
 import os
+import random
+import re
+import secrets
+import socket
 import tempfile
+import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
+from pydantic import BaseModel
 
-from visionloop.config import GateSettings, Settings
+from visionloop.config import GateSettings, RegistrySettings, Settings
 from visionloop.errors import RegistryError
 from visionloop.inference import INPUT_NAME, OUTPUT_NAMES, OnnxClassifier
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 EVENT_PREFIX = "visionloop.alias_event."
+LOCK_INFIX = ".visionloop-lock."
+LEASE_TAG = "visionloop.lock.lease_seconds"
+HOLDER_TAG = "visionloop.lock.holder"
+LEASE_TIMEOUTS = 10  # a lease lasts this many store timeouts: far longer than a gate takes under the lock
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -53,8 +96,9 @@ class AliasEvent:
     reason: str
 
 
-@dataclass
-class GateDecision:
+class GateDecision(BaseModel):
+    """The gate's decision; ``visionloop promote``'s output (``steps.PromoteOutput``) extends it."""
+
     version: str
     promoted: bool
     challenger_accuracy: float
@@ -63,7 +107,7 @@ class GateDecision:
     reasons: list[str]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
 
 @dataclass
@@ -78,6 +122,142 @@ def _mlflow() -> Any:
     import mlflow
 
     return mlflow
+
+
+# ---------------------------------------------------------------- time bounds
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# One store operation at a time per process (the serving poller runs them in worker threads): the
+# environment variables set for one operation are then never put back under another one's feet.
+_OPERATION = threading.RLock()
+_BOUNDS: dict[str, float | None] = {
+    "active": None,  # the timeout of the operation in progress, for the SQLite sessions it opens
+    "connected": RegistrySettings().timeout_seconds,  # of the last connect(), for run-id calls
+}
+_MLFLOW_BUSY_TIMEOUT = re.compile(r"\s*PRAGMA\s+busy_timeout\s*=", re.IGNORECASE)
+
+
+def _sqlite_busy_timeout(
+    connection: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _executemany: bool
+) -> tuple[str, Any]:
+    # MLflow opens every SQLite session with "PRAGMA busy_timeout = 20000": during an operation, the
+    # operation's own timeout takes its place. Other statements, and other engines, are left alone.
+    timeout = _BOUNDS["active"]
+    if timeout is not None and connection.dialect.name == "sqlite" and _MLFLOW_BUSY_TIMEOUT.match(statement):
+        return f"PRAGMA busy_timeout = {int(timeout * 1000)}", parameters
+    return statement, parameters
+
+
+class _DuringOperations(logging.Filter):
+    """Drops MLflow's traceback for a SQLite file that stayed locked: the RegistryError says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _BOUNDS["active"] is None
+
+
+@functools.cache
+def _install_hooks() -> None:
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    event.listen(Engine, "before_cursor_execute", _sqlite_busy_timeout, retval=True)
+    logging.getLogger("mlflow.store.db.utils").addFilter(_DuringOperations())
+
+
+@contextmanager
+def _time_bounds(timeout: float) -> Iterator[None]:
+    """Within: each HTTP request to the store waits at most ``timeout`` and is not retried, and a
+    locked SQLite file is waited for as long. MLflow reads these variables at every request."""
+    bounds = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout))),  # MLflow parses it as an int
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0",
+    }
+    with _OPERATION:
+        _install_hooks()
+        saved = {key: os.environ.get(key) for key in bounds}
+        outer, _BOUNDS["active"] = _BOUNDS["active"], timeout
+        os.environ.update(bounds)
+        try:
+            yield
+        finally:
+            _BOUNDS["active"] = outer
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _store_operation(func: Callable[P, R]) -> Callable[P, R]:
+    """Run ``func`` within its store's time bounds. Its first argument is the Settings; functions
+    that take a run id instead act on the store of the last connect() (MLflow's current tracking
+    URI), so they take that store's timeout."""
+
+    @functools.wraps(func)
+    def bounded(*args: P.args, **kwargs: P.kwargs) -> R:
+        first = args[0] if args else None
+        timeout = first.registry.timeout_seconds if isinstance(first, Settings) else _BOUNDS["connected"]
+        with _time_bounds(timeout or RegistrySettings().timeout_seconds):
+            return func(*args, **kwargs)
+
+    return bounded
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause in a few words ("Connection refused", "database is locked"), else the message.
+
+    MLflow wraps requests' error, which wraps urllib3's, which wraps the socket's."""
+    cause: BaseException | None = exc
+    for _ in range(10):
+        if cause is None:
+            break
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        if type(cause).__name__ == "ReadTimeoutError":
+            return "read timed out"
+        if getattr(cause, "orig", None) is not None:  # SQLAlchemy's error: the database driver's own words
+            return " ".join(str(cause.orig).split())
+        cause = cause.__cause__ or cause.__context__ or getattr(cause, "reason", None)
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _failure(uri: str, exc: BaseException) -> RegistryError:
+    """One message naming the store: what it answered, or that it could not be reached."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(exc, RegistryError):
+        return exc
+    # MLflow reports a connection that failed, and a SQLite file that stayed locked, with these codes
+    unanswered = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+    answered = isinstance(exc, RestException) or (isinstance(exc, MlflowException) and exc.error_code not in unanswered)
+    if answered:
+        return RegistryError(f"the MLflow store at {uri} refused the request: {_reason(exc)}")
+    return RegistryError(f"cannot reach the MLflow store at {uri}: {_reason(exc)}")
+
+
+@contextmanager
+def _store_errors(uri: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        raise _failure(uri, exc) from None
+
+
+def _missing(exc: Exception) -> bool:
+    """Whether the store itself answered that the thing asked for does not exist."""
+    return getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
+# ---------------------------------------------------------------- connecting
 
 
 def _point_at(uri: str) -> None:
@@ -95,14 +275,22 @@ def _point_at(uri: str) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+def _client(settings: Settings) -> Any:
+    """A client of the configured store for registry work: it creates no experiment, changes no global."""
+    uri = settings.tracking_uri
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return _mlflow().MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@_store_operation
 def connect(settings: Settings) -> Any:
     """Point MLflow at the configured store and experiment; returns an MlflowClient."""
     mlflow = _mlflow()
     uri = settings.tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    client = _client(settings)
     _point_at(uri)
-    client = mlflow.MlflowClient()
+    _BOUNDS["connected"] = settings.registry.timeout_seconds
     try:
         experiment = client.get_experiment_by_name(settings.registry.experiment)
         if experiment is None:
@@ -110,11 +298,12 @@ def connect(settings: Settings) -> Any:
             location = settings.artifact_root.as_uri() if uri.startswith("sqlite:") else None
             client.create_experiment(settings.registry.experiment, artifact_location=location)
     except Exception as exc:
-        raise RegistryError(f"cannot reach the MLflow store at {uri}: {exc}") from None
+        raise _failure(uri, exc) from None
     mlflow.set_experiment(settings.registry.experiment)
     return client
 
 
+@_store_operation
 def start_run(settings: Settings, run_name: str, tags: dict[str, str]) -> str:
     mlflow = _mlflow()
     connect(settings)
@@ -134,12 +323,14 @@ def active_run(run_id: str) -> Iterator[Any]:
         yield run
 
 
+@_store_operation
 def log_params(run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
     _mlflow().MlflowClient().log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
 
+@_store_operation
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     from mlflow.entities import Metric
 
@@ -148,14 +339,17 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     _mlflow().MlflowClient().log_batch(run_id, metrics=clean)
 
 
+@_store_operation
 def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
     _mlflow().MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 
+@_store_operation
 def log_artifacts(run_id: str, folder: Path, artifact_path: str | None = None) -> None:
     _mlflow().MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
 
 
+@_store_operation
 def log_dataset_input(run_id: str, images: np.ndarray, labels: np.ndarray, version: str, source: str) -> None:
     """Record the dataset version as the run's input (MLflow lineage: Datasets used)."""
     from mlflow.entities import DatasetInput, InputTag
@@ -169,6 +363,7 @@ def log_dataset_input(run_id: str, images: np.ndarray, labels: np.ndarray, versi
     mlflow.MlflowClient().log_inputs(run_id, datasets=[entity])
 
 
+@_store_operation
 def set_run_status(run_id: str, status: str) -> None:
     """RUNNING again on resume; FINISHED at the end; FAILED / KILLED when a step stops early."""
     client = _mlflow().MlflowClient()
@@ -178,6 +373,7 @@ def set_run_status(run_id: str, status: str) -> None:
         client.set_terminated(run_id, status)
 
 
+@_store_operation
 def register_onnx(
     settings: Settings, run_id: str, export_dir: Path, card: dict, tags: dict[str, str]
 ) -> RegisteredVersion:
@@ -226,38 +422,68 @@ def register_onnx(
     return RegisteredVersion(name, str(version.version), info.model_uri, run_id)
 
 
+# ---------------------------------------------------------------- reading the registry
+
+
+def _aliases(client: Any, name: str) -> dict[str, str]:
+    """The model's aliases as the store holds them now; none when the model does not exist (yet).
+
+    Read from the registered model rather than asked alias by alias: a missing alias comes back as
+    INVALID_PARAMETER_VALUE from both SQLite and a server, the code a malformed request gets too."""
+    try:
+        model = client.get_registered_model(name)
+    except Exception as exc:
+        if _missing(exc):
+            return {}
+        raise
+    return {alias: str(version) for alias, version in (model.aliases or {}).items()}
+
+
+def _registered_model(client: Any, name: str) -> Any:
+    try:
+        return client.get_registered_model(name)
+    except Exception as exc:
+        if _missing(exc):
+            raise RegistryError(f"no registered model named {name!r} (run `visionloop run` first)") from None
+        raise
+
+
+def _events(client: Any, name: str) -> list[AliasEvent]:
+    model = _registered_model(client, name)
+    events = [AliasEvent(**json.loads(v)) for k, v in model.tags.items() if k.startswith(EVENT_PREFIX)]
+    return sorted(events, key=lambda e: e.seq)
+
+
 def _download(name: str, ref: str, dest: Path) -> Path:
     mlflow = _mlflow()
     uri = f"models:/{name}@{ref}" if not ref.isdigit() else f"models:/{name}/{ref}"
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except Exception as exc:
-        raise RegistryError(f"cannot download {uri}: {exc}") from None
+        raise RegistryError(f"cannot download {uri} from {mlflow.get_tracking_uri()}: {_reason(exc)}") from None
 
 
+@_store_operation
 def resolve(settings: Settings, ref: str) -> str | None:
     """The version number ``ref`` (an alias, or a version number) names now; None when it names none.
 
     Read only, for serving replicas: it creates no experiment and never writes to the store. A store
     that cannot be reached raises RegistryError, so a caller can tell "no champion yet" from "registry down".
     """
-    mlflow = _mlflow()
     uri = settings.tracking_uri
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client = _client(settings)
     name = settings.registry.model_name
     try:
-        found = client.get_model_version(name, ref) if ref.isdigit() else client.get_model_version_by_alias(name, ref)
-    except mlflow.exceptions.MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise RegistryError(f"cannot reach the MLflow store at {uri}: {exc}") from None
+        if not ref.isdigit():
+            return _aliases(client, name).get(ref)
+        return str(client.get_model_version(name, ref).version)
     except Exception as exc:
-        raise RegistryError(f"cannot reach the MLflow store at {uri}: {exc}") from None
-    return str(found.version)
+        if _missing(exc) or getattr(exc, "error_code", None) == "INVALID_PARAMETER_VALUE":
+            return None
+        raise RegistryError(f"cannot reach the MLflow store at {uri}: {_reason(exc)}") from None
 
 
+@_store_operation
 def download_version(settings: Settings, version: str, dest: Path) -> tuple[Path, Path]:
     """Download one registered version; returns (model.onnx, model_card.json) under ``dest``."""
     _point_at(settings.tracking_uri)
@@ -265,6 +491,7 @@ def download_version(settings: Settings, version: str, dest: Path) -> tuple[Path
     return folder / "model.onnx", folder / "extra_files" / "model_card.json"
 
 
+@_store_operation
 def load_classifier(settings: Settings, ref: str, dest: Path | None = None) -> OnnxClassifier:
     """Load a registered version (number) or alias as an ONNX Runtime classifier.
 
@@ -276,45 +503,119 @@ def load_classifier(settings: Settings, ref: str, dest: Path | None = None) -> O
         return load_classifier(settings, ref, Path(tmp))
 
 
+@_store_operation
 def alias_version(settings: Settings, alias: str) -> str | None:
-    client = connect(settings)
-    try:
-        return str(client.get_model_version_by_alias(settings.registry.model_name, alias).version)
-    except Exception:
-        return None
+    """The version ``alias`` points at; None only when the store answers that it points at none."""
+    with _store_errors(settings.tracking_uri):
+        return _aliases(_client(settings), settings.registry.model_name).get(alias)
 
 
+@_store_operation
 def aliases_of(settings: Settings, version: str) -> list[str]:
     """Which of champion and challenger point at ``version`` now."""
-    return [alias for alias in (CHAMPION, CHALLENGER) if alias_version(settings, alias) == version]
+    with _store_errors(settings.tracking_uri):
+        aliases = _aliases(_client(settings), settings.registry.model_name)
+    return [alias for alias in (CHAMPION, CHALLENGER) if aliases.get(alias) == version]
 
 
-def history(settings: Settings) -> list[AliasEvent]:
-    client = connect(settings)
-    try:
-        model = client.get_registered_model(settings.registry.model_name)
-    except Exception:
-        raise RegistryError(f"no registered model named {settings.registry.model_name!r}") from None
-    events = [AliasEvent(**json.loads(v)) for k, v in model.tags.items() if k.startswith(EVENT_PREFIX)]
-    return sorted(events, key=lambda e: e.seq)
-
-
-def _move_alias(settings: Settings, alias: str, to_version: str, kind: str, reason: str) -> AliasEvent:
-    client = connect(settings)
+@_store_operation
+def dataset_version_of(settings: Settings, version: str) -> str | None:
+    """The ``dataset_version`` tag of a registered version: the data it was trained and evaluated on."""
     name = settings.registry.model_name
-    previous = alias_version(settings, alias)
-    seq = max((e.seq for e in history(settings)), default=0) + 1
+    with _store_errors(settings.tracking_uri):
+        try:
+            found = _client(settings).get_model_version(name, version)
+        except Exception as exc:
+            if _missing(exc):
+                raise RegistryError(f"{name} has no version {version}") from None
+            raise
+    return found.tags.get("dataset_version") or None
+
+
+@_store_operation
+def history(settings: Settings) -> list[AliasEvent]:
+    with _store_errors(settings.tracking_uri):
+        return _events(_client(settings), settings.registry.model_name)
+
+
+# ---------------------------------------------------------------- the lock
+
+
+def _lease_of(model: Any) -> tuple[float, str]:
+    """(when the lease expires, in seconds by the store's clock, which stamped its creation; who holds it)."""
+    seconds = float(model.tags.get(LEASE_TAG, "0") or 0)
+    return model.creation_timestamp / 1000 + seconds, model.tags.get(HOLDER_TAG, "?")
+
+
+@contextmanager
+def _model_lock(client: Any, settings: Settings) -> Iterator[Callable[[], None]]:
+    """Hold the model's promotion lock (see the module docstring); yields a check that raises
+    RegistryError, before anything is written, if the lease ran out in the meantime."""
+    name = settings.registry.model_name
+    prefix = f"{name}{LOCK_INFIX}"
+    lease_seconds = LEASE_TIMEOUTS * settings.registry.timeout_seconds
+    holder = f"{socket.gethostname()} pid {os.getpid()}"
+    tags = {LEASE_TAG: f"{lease_seconds:g}", HOLDER_TAG: holder}
+    description = f"visionloop: lock of {name} while one promotion or rollback moves its aliases"
+    deadline = time.monotonic() + lease_seconds + settings.registry.timeout_seconds
+    pause = 0.05
+    while True:
+        mine = prefix + secrets.token_hex(8)  # a new name each attempt: a deleted lease never comes back
+        attempt = time.monotonic()
+        lease = client.create_registered_model(mine, tags=tags, description=description)
+        try:
+            # LIKE reads '_' and '%' in the model's name as wildcards: keep the exact matches
+            found = client.search_registered_models(f"name LIKE '{prefix}%'", max_results=1000)
+            others = [m for m in found if m.name.startswith(prefix) and m.name != mine]
+            now = lease.creation_timestamp / 1000  # the store's clock, which stamped the others' leases too
+            live = [m for m in others if _lease_of(m)[0] > now]
+            for expired in (m for m in others if _lease_of(m)[0] <= now):
+                with contextlib.suppress(Exception):  # another contender may have removed it first
+                    client.delete_registered_model(expired.name)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                client.delete_registered_model(mine)
+            raise
+        if not live:
+            break
+        client.delete_registered_model(mine)  # step back, so that exactly one of the contenders goes on
+        if time.monotonic() > deadline:
+            expires, who = _lease_of(live[0])
+            raise RegistryError(
+                f"{name} is locked by another promotion or rollback ({who}, lease until "
+                f"{dt.datetime.fromtimestamp(expires, dt.UTC).isoformat(timespec='seconds')}); try again later"
+            )
+        time.sleep(random.uniform(pause, 2 * pause))
+        pause = min(2 * pause, 1.0)
+
+    def still_held() -> None:
+        # by this process's own clock, from before the lease was asked for; and a little before the
+        # lease ends, not at it: what follows is a few more requests
+        if time.monotonic() - attempt > lease_seconds - settings.registry.timeout_seconds:
+            raise RegistryError(f"the lock of {name} expired before its alias could be moved; nothing was moved")
+
+    try:
+        yield still_held
+    finally:
+        with contextlib.suppress(Exception):  # unreleased, it expires on its own
+            client.delete_registered_model(mine)
+
+
+def _move_alias(
+    client: Any, name: str, alias: str, to_version: str, from_version: str | None, kind: str, reason: str
+) -> AliasEvent:
+    """Move ``alias`` and append its event; the caller holds the model's lock, so the number is free."""
     event = AliasEvent(
-        seq=seq,
+        seq=max((e.seq for e in _events(client, name)), default=0) + 1,
         time=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         alias=alias,
-        from_version=previous,
+        from_version=from_version,
         to_version=to_version,
         kind=kind,
         reason=reason,
     )
     client.set_registered_model_alias(name, alias, to_version)
-    client.set_registered_model_tag(name, f"{EVENT_PREFIX}{seq:06d}", json.dumps(asdict(event)))
+    client.set_registered_model_tag(name, f"{EVENT_PREFIX}{event.seq:06d}", json.dumps(asdict(event)))
     return event
 
 
@@ -348,83 +649,110 @@ def decide(
     ]
 
 
+@_store_operation
 def promote_if_better(
     settings: Settings, version: str, test_images: np.ndarray, test_labels: np.ndarray
 ) -> GateDecision:
-    """Score challenger and champion with ONNX Runtime on the same test set; move champion if the gate passes."""
-    client = connect(settings)
+    """Score challenger and champion with ONNX Runtime on the same test set; move champion if the gate passes.
+
+    The gate decides under the model's lock, against the champion of that moment: a promotion that
+    ran meanwhile is not overwritten by a decision made against the champion it replaced."""
     name = settings.registry.model_name
-    with tempfile.TemporaryDirectory(prefix="visionloop-gate-") as tmp:
-        challenger = load_classifier(settings, version, Path(tmp) / "challenger")
+    client = _client(settings)
+    with _store_errors(settings.tracking_uri), tempfile.TemporaryDirectory(prefix="visionloop-gate-") as tmp:
+        seen = _aliases(client, name).get(CHAMPION)  # first: a store that is not there fails fast
+        challenger = _load(settings, version, Path(tmp) / f"v{version}")
         challenger_acc = challenger.accuracy(test_images, test_labels)
-        champion_version = alias_version(settings, CHAMPION)
-        champion_acc = None
-        if champion_version == version:
+        scores: dict[str, float | None] = {}
+
+        def champion_accuracy(champion_version: str) -> float | None:
+            """None when the champion cannot be scored on this test set (other input shape or classes)."""
+            if champion_version not in scores:
+                champion = _load(settings, champion_version, Path(tmp) / f"v{champion_version}")
+                comparable = (
+                    champion.input_shape == challenger.input_shape
+                    and champion.card["classes"] == challenger.card["classes"]
+                )
+                scores[champion_version] = champion.accuracy(test_images, test_labels) if comparable else None
+            return scores[champion_version]
+
+        def decision(promoted: bool, champion: str | None, champion_acc: float | None, why: list[str]) -> GateDecision:
             return GateDecision(
-                version,
-                False,
-                challenger_acc,
-                champion_version,
-                challenger_acc,
-                [f"v{version} is already the champion"],
+                version=version,
+                promoted=promoted,
+                challenger_accuracy=challenger_acc,
+                champion_version=champion,
+                champion_accuracy=champion_acc,
+                reasons=why,
             )
-        if champion_version is not None:
-            champion = load_classifier(settings, champion_version, Path(tmp) / "champion")
-            if (
-                champion.input_shape == challenger.input_shape
-                and champion.card["classes"] == challenger.card["classes"]
-            ):
-                champion_acc = champion.accuracy(test_images, test_labels)
-    promoted, reasons = decide(challenger_acc, champion_acc, champion_version, settings.gate)
-    decision = GateDecision(version, promoted, challenger_acc, champion_version, champion_acc, reasons)
-    tags = {
-        "gate.decision": "promoted" if promoted else "rejected",
-        "gate.reasons": " | ".join(reasons),
-        "gate.challenger_accuracy": f"{challenger_acc:.6f}",
-        "gate.champion_version": champion_version or "",
-        "gate.champion_accuracy": "" if champion_acc is None else f"{champion_acc:.6f}",
-        "gate.time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    if promoted:
-        _move_alias(settings, CHAMPION, version, "promote", "; ".join(reasons))
-    return decision
+
+        if seen not in (None, version):
+            champion_accuracy(seen)  # the slow part, before the lock; again under it only if the champion moves
+        with _model_lock(client, settings) as still_held:
+            champion_version = _aliases(client, name).get(CHAMPION)
+            if champion_version == version:
+                return decision(False, version, challenger_acc, [f"v{version} is already the champion"])
+            champion_acc = None if champion_version is None else champion_accuracy(champion_version)
+            promoted, reasons = decide(challenger_acc, champion_acc, champion_version, settings.gate)
+            tags = {
+                "gate.decision": "promoted" if promoted else "rejected",
+                "gate.reasons": " | ".join(reasons),
+                "gate.challenger_accuracy": f"{challenger_acc:.6f}",
+                "gate.champion_version": champion_version or "",
+                "gate.champion_accuracy": "" if champion_acc is None else f"{champion_acc:.6f}",
+                "gate.time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+            still_held()
+            for key, value in tags.items():
+                client.set_model_version_tag(name, version, key, value)
+            if promoted:
+                _move_alias(client, name, CHAMPION, version, champion_version, "promote", "; ".join(reasons))
+    return decision(promoted, champion_version, champion_acc, reasons)
 
 
+def _load(settings: Settings, ref: str, dest: Path) -> OnnxClassifier:
+    return OnnxClassifier.load(*download_version(settings, ref, dest))
+
+
+@_store_operation
 def rollback(settings: Settings, reason: str = "manual rollback") -> AliasEvent:
     """Move ``champion`` back to the version that was champion before the current one."""
-    current = alias_version(settings, CHAMPION)
-    if current is None:
-        raise RegistryError(f"{settings.registry.model_name} has no champion to roll back")
-    for event in reversed(history(settings)):
-        if event.alias == CHAMPION and event.to_version == current and event.kind == "promote":
-            if event.from_version is None:
-                break
-            client = connect(settings)
-            client.set_model_version_tag(settings.registry.model_name, current, "rolled_back", "true")
-            return _move_alias(
-                settings,
-                CHAMPION,
-                event.from_version,
-                "rollback",
-                f"{reason}: v{current} -> v{event.from_version}",
-            )
-    raise RegistryError(f"champion v{current} has no earlier champion to roll back to")
-
-
-def list_versions(settings: Settings) -> list[dict[str, Any]]:
-    client = connect(settings)
     name = settings.registry.model_name
-    try:
-        model = client.get_registered_model(name)
-    except Exception:
-        raise RegistryError(f"no registered model named {name!r} (run `visionloop run` first)") from None
+    client = _client(settings)
+    with _store_errors(settings.tracking_uri), _model_lock(client, settings) as still_held:
+        current = _aliases(client, name).get(CHAMPION)
+        if current is None:
+            raise RegistryError(f"{name} has no champion to roll back")
+        for event in reversed(_events(client, name)):
+            if event.alias == CHAMPION and event.to_version == current and event.kind == "promote":
+                if event.from_version is None:
+                    break
+                still_held()
+                client.set_model_version_tag(name, current, "rolled_back", "true")
+                return _move_alias(
+                    client,
+                    name,
+                    CHAMPION,
+                    event.from_version,
+                    current,
+                    "rollback",
+                    f"{reason}: v{current} -> v{event.from_version}",
+                )
+        raise RegistryError(f"champion v{current} has no earlier champion to roll back to")
+
+
+@_store_operation
+def list_versions(settings: Settings) -> list[dict[str, Any]]:
+    name = settings.registry.model_name
+    client = _client(settings)
+    with _store_errors(settings.tracking_uri):
+        model = _registered_model(client, name)
+        found = client.search_model_versions(f"name='{name}'")
     aliases: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)
     rows = []
-    for mv in client.search_model_versions(f"name='{name}'"):
+    for mv in found:
         rows.append(
             {
                 "version": str(mv.version),

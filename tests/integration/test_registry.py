@@ -6,21 +6,13 @@ name of their own, so none sees another's versions. One test runs a real ``mlflo
 
 from __future__ import annotations
 
-import itertools
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from registry_stores import closed_port, isolate, make_settings, postgres_database, register, running_server
 
 from visionloop import registry
 from visionloop.config import GateSettings, Settings, TrainSettings, ValidationPolicy
@@ -33,29 +25,15 @@ from visionloop.inference import OnnxClassifier
 from visionloop.training.export import export
 from visionloop.training.train import train
 
-_names = itertools.count(1)
-
 
 @pytest.fixture(autouse=True)
 def _mlflow_env(monkeypatch):
-    # the store under test is the one in Settings, never one a developer has configured
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for key in [k for k in os.environ if k.startswith("VISIONLOOP_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    isolate(monkeypatch)
 
 
 @pytest.fixture(scope="module")
 def store_home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("registry-home")
-
-
-def make_settings(home: Path, name: str | None = None, tracking_uri: str = "", **gate: float) -> Settings:
-    return Settings(
-        home=home,
-        registry={"model_name": name or f"model-{next(_names)}", "tracking_uri": tracking_uri},
-        gate={"min_accuracy": 0.0, **gate},
-    )
 
 
 @pytest.fixture
@@ -79,16 +57,6 @@ def accuracy(test_set, weak_export, medium_export, strong_export) -> dict[str, f
     # the scenarios below need a clear ordering; fail loudly here if training ever stops giving one
     assert result["weak"] + 0.1 < result["medium"] < result["strong"] - 0.1, result
     return result
-
-
-def register(settings: Settings, export_dir: Path) -> registry.RegisteredVersion:
-    """What the pipeline's register step does: a run, the model logged into it, a registered version."""
-    card = read_json(export_dir / "model_card.json")
-    run_id = registry.start_run(settings, "test-run", {"dataset_version": card["dataset"]["version"]})
-    tags = {"dataset_version": card["dataset"]["version"], "test_accuracy": "0.123456"}
-    version = registry.register_onnx(settings, run_id, export_dir, card, tags)
-    registry.set_run_status(run_id, "FINISHED")
-    return version
 
 
 def version_tags(settings: Settings, version: str) -> dict[str, str]:
@@ -388,21 +356,31 @@ def test_unknown_model_is_a_registry_error(settings):
         registry.list_versions(settings)
     with pytest.raises(RegistryError, match="no champion"):
         registry.rollback(settings)
+    assert registry.alias_version(settings, registry.CHAMPION) is None
+    assert registry.aliases_of(settings, "1") == []
+    with pytest.raises(RegistryError, match="has no version 1"):
+        registry.dataset_version_of(settings, "1")
+
+
+def test_dataset_version_of_a_registered_version(settings, weak_export):
+    version = register(settings, weak_export).version
+    assert (
+        registry.dataset_version_of(settings, version)
+        == read_json(weak_export / "model_card.json")["dataset"]["version"]
+    )
+    with pytest.raises(RegistryError, match=f"{settings.registry.model_name} has no version 99"):
+        registry.dataset_version_of(settings, "99")
+    registry.connect(settings).delete_model_version_tag(settings.registry.model_name, version, "dataset_version")
+    assert registry.dataset_version_of(settings, version) is None
 
 
 # ---------------------------------------------------------------- a store that is not there
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_unreachable_tracking_server_is_a_registry_error(tmp_path, weak_export, test_set, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    settings = make_settings(tmp_path / "home", tracking_uri=f"http://127.0.0.1:{closed_port()}")
+def test_unreachable_tracking_server_is_a_registry_error(tmp_path, weak_export, test_set):
+    # registry.timeout_seconds alone bounds MLflow's HTTP client (no MLFLOW_HTTP_* variables set here)
+    uri = f"http://127.0.0.1:{closed_port()}"
+    settings = make_settings(tmp_path / "home", tracking_uri=uri, timeout_seconds=3)
     with pytest.raises(RegistryError, match="cannot reach the MLflow store"):
         registry.connect(settings)
     with pytest.raises(RegistryError, match="cannot reach"):
@@ -411,85 +389,26 @@ def test_unreachable_tracking_server_is_a_registry_error(tmp_path, weak_export, 
         registry.promote_if_better(settings, "1", *test_set)
     with pytest.raises(RegistryError, match="cannot reach"):
         registry.history(settings)
+    # "no champion" is an answer of the store; a store that does not answer is an error, never None
+    for call in (
+        lambda: registry.alias_version(settings, registry.CHAMPION),
+        lambda: registry.aliases_of(settings, "1"),
+        lambda: registry.dataset_version_of(settings, "1"),
+        lambda: registry.rollback(settings),
+        lambda: registry.list_versions(settings),
+    ):
+        with pytest.raises(RegistryError, match=f"cannot reach the MLflow store at {uri}: Connection refused"):
+            call()
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ  # the bounds were the operation's, not the process's
 
 
 # ---------------------------------------------------------------- a real MLflow tracking server
 
 
-def wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow server not healthy after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    """A real PostgreSQL server on 127.0.0.1 with an empty ``mlflow`` database: the production backend."""
-    initdb, postgres = shutil.which("initdb"), shutil.which("postgres")
-    if initdb is None or postgres is None:
-        pytest.skip("PostgreSQL server binaries (initdb, postgres) are not installed")
-    import psycopg
-
-    root = Path(tempfile.mkdtemp(prefix="visionloop-pg-", dir="/tmp"))
-    # postgres refuses to run as root: as root, the cluster belongs to the unprivileged 'postgres' user
-    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if run_as:
-        shutil.chown(root, "postgres", "postgres")
-    subprocess.run(
-        [*run_as, initdb, "-D", str(root / "db"), "-U", "mlflow", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-    )
-    port = closed_port()
-    server = subprocess.Popen(
-        [
-            *run_as,
-            postgres,
-            "-D",
-            str(root / "db"),
-            "-p",
-            str(port),
-            "-k",
-            str(root),
-            "-c",
-            "listen_addresses=127.0.0.1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                connection = psycopg.connect(host="127.0.0.1", port=port, user="mlflow", dbname="postgres")
-                break
-            except psycopg.OperationalError:
-                assert server.poll() is None, "postgres exited at start"
-                assert time.monotonic() < deadline, "postgres did not accept connections within 60 s"
-                time.sleep(0.2)
-        connection.autocommit = True
-        with connection.cursor() as cursor:
-            cursor.execute("CREATE DATABASE mlflow")
-        connection.close()
-        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
-    finally:
-        os.killpg(server.pid, signal.SIGINT)  # postgres' "fast shutdown"
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -503,33 +422,8 @@ def backend_store_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def test_register_and_promote_through_a_real_mlflow_server(
     tmp_path, weak_export, strong_export, test_set, accuracy, backend_store_uri
 ):
-    port = closed_port()
-    artifacts = tmp_path / "server-artifacts"
-    log = tmp_path / "server.log"
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        backend_store_uri,
-        "--serve-artifacts",
-        "--artifacts-destination",
-        str(artifacts),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    with log.open("wb") as log_file:
-        server = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for_health(f"{url}/health", server, log)
-        settings = make_settings(tmp_path / "home", name="served-model", tracking_uri=url)
+    with running_server(backend_store_uri, tmp_path) as server:
+        settings = make_settings(tmp_path / "home", name="served-model", tracking_uri=server.url)
 
         first = register(settings, weak_export)
         assert first.version == "1"
@@ -547,14 +441,5 @@ def test_register_and_promote_through_a_real_mlflow_server(
         champion = registry.load_classifier(settings, "champion", tmp_path / "download")
         assert champion.accuracy(*test_set) == pytest.approx(accuracy["strong"])
         # artifacts went through the server to its destination, not into a local store
-        assert any(artifacts.rglob("model.onnx"))
+        assert any(server.artifacts.rglob("model.onnx"))
         assert not (tmp_path / "home").exists()
-    finally:
-        # the server and its workers share the process group we started it in
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -13,9 +12,8 @@ import uvicorn
 
 from visionloop.config import Settings
 
-# a serving replica should not hang on a registry that went away: MLflow retries for minutes by default
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# a serving replica does not hang on a registry that went away either: every registry call is bounded by
+# registry.timeout_seconds, without MLflow's minutes of retries (registry.py)
 
 
 class _Server(uvicorn.Server):
