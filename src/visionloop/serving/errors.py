@@ -20,3 +20,13 @@ class BodyTooLarge(ApiError):
         super().__init__(
             413, f"request body of {size:,}+ bytes is over the limit of {limit_mb:g} MiB", "body_too_large"
         )
+
+
+def first_error(exc: Exception) -> str:
+    """Where and what the first problem of a pydantic/FastAPI validation error is, for a one-line message."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+        return f"{where}: {first.get('msg')}"
+    return str(exc)

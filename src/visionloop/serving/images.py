@@ -1,8 +1,10 @@
-"""Uploaded bytes → the model's uint8 (C, H, W) input, with the same conversion training used.
+"""Uploaded bytes → the model's uint8 (C, H, W) input, through the transform training used.
 
-Every way an upload can be wrong is an ApiError naming the problem: not an image, empty, truncated,
-too many pixels (a decompression bomb is refused from its header, before any pixel is decoded), or a
-colour mode the model cannot take unless the client states the conversion with ``convert=true``.
+The transform is the served model card's (``InputTransform.from_card``), the very code ``preprocess``
+ran on the training images. Every way an upload can be wrong is an ApiError naming the problem: not
+an image, empty, truncated, too many pixels (a decompression bomb is refused from its header, before
+any pixel is decoded), or — when conversion is off for the request — a colour mode other than the
+model's.
 """
 
 from __future__ import annotations
@@ -14,11 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from visionloop.data.preprocess import to_array
+from visionloop.data.transform import InputTransform
 from visionloop.serving.errors import ApiError
-
-# the modes a model takes as they are; anything else is converted only when the client says so
-NATIVE_MODES = {1: ("L",), 3: ("RGB",)}
 
 
 @dataclass
@@ -27,11 +26,11 @@ class DecodedImage:
     width: int  # as uploaded
     height: int
     mode: str  # as uploaded
-    converted: str | None  # e.g. "RGBA->L" when a stated conversion was applied
+    converted: str | None  # e.g. "RGBA->L" when the colour mode was converted; resizing is not stated
 
 
-def decode(data: bytes, image_size: int, channels: int, max_pixels: int, convert: bool, name: str) -> DecodedImage:
-    """Decode one upload for a model taking ``channels`` × ``image_size``²; ``name`` is used in messages."""
+def decode(data: bytes, transform: InputTransform, max_pixels: int, convert: bool, name: str) -> DecodedImage:
+    """One upload (``name`` in messages) as ``transform``'s input; ``convert=False`` refuses other colour modes."""
     if not data:
         raise ApiError(422, f"{name}: empty upload (0 bytes)", "empty")
     try:
@@ -55,9 +54,9 @@ def decode(data: bytes, image_size: int, channels: int, max_pixels: int, convert
                 f"{name}: {width}x{height} = {width * height:,} pixels is over the limit of {max_pixels:,}",
                 "too_many_pixels",
             )
-        target = "L" if channels == 1 else "RGB"
+        target = transform.mode
         converted = None
-        if img.mode not in NATIVE_MODES[channels]:
+        if img.mode != target:
             if not convert:
                 raise ApiError(
                     422,
@@ -71,7 +70,7 @@ def decode(data: bytes, image_size: int, channels: int, max_pixels: int, convert
         except Exception as exc:  # truncated or corrupt pixel data
             raise ApiError(422, f"{name}: image data is damaged or truncated: {exc}", "damaged_image") from None
         try:
-            pixels = to_array(img, image_size, channels)
+            pixels = transform.apply(img)
         except Exception as exc:  # a mode Pillow cannot convert (e.g. LAB -> RGB)
             raise ApiError(
                 422, f"{name}: cannot convert image mode {img.mode} to {target}: {exc}", "image_mode"

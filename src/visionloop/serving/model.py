@@ -3,7 +3,8 @@
 A reload resolves the alias (``champion`` by default) in the registry. If it names a version other
 than the one serving, that version is downloaded and loaded *beside* the current one, warmed up, and
 checked on its check input (shapes, finite outputs, probabilities summing to 1, and the same answer
-the exported graph gave at export time). Only then does one assignment make it the served model;
+the exported graph gave at export time), and its card must state an input transform this server can
+apply (``data/transform.py``). Only then does one assignment make it the served model;
 requests already decoded for the old model finish on the old model. A version that fails to
 download, load or check is refused: the old one keeps serving, and the failure is logged, counted in
 ``visionloop_model_reloads_total{result="failed"}`` and shown by ``/readyz``. A refused version is
@@ -23,6 +24,7 @@ import numpy as np
 
 from visionloop import registry
 from visionloop.config import Settings
+from visionloop.data.transform import InputTransform
 from visionloop.errors import VisionloopError
 from visionloop.inference import OnnxClassifier
 from visionloop.serving.metrics import ServingMetrics
@@ -39,6 +41,12 @@ class LoadedModel:
     version: str
     classifier: OnnxClassifier
     loaded_at: float = field(default_factory=time.time)
+    # built from the card at load time, so a card stating a transform this server cannot apply is a refused
+    # reload (the old model keeps serving), not a failure on every request
+    transform: InputTransform = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.transform = InputTransform.from_card(self.card)
 
     @property
     def card(self) -> dict:

@@ -47,7 +47,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     image_height INTEGER NOT NULL,
     image_mean REAL NOT NULL,            -- pixels on a 0-1 scale, after conversion
     image_std REAL NOT NULL,
-    converted TEXT                       -- e.g. RGBA->L when the client asked for a conversion
+    converted TEXT                       -- e.g. RGBA->L when the colour mode was converted
 );
 CREATE INDEX IF NOT EXISTS predictions_time ON predictions(time);
 CREATE TABLE IF NOT EXISTS feedback (

@@ -7,7 +7,8 @@ layer that drift monitoring compares against the training data. Normalisation is
 Parity: ONNX Runtime and PyTorch run the same held-out test images; if any probability differs by
 more than the tolerance the export fails and nothing is written. The model card (JSON + Markdown)
 holds everything serving needs: classes, input size, channels, normalisation, dataset version,
-metrics and the training configuration.
+metrics and the training configuration, and ``input_transform``: the image → pixels transform
+preprocessing applied to the training images, which the server reads back and applies to uploads.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from visionloop import __version__
 from visionloop.data.preprocess import Dataset
+from visionloop.data.transform import InputTransform
 from visionloop.errors import ExportError
 from visionloop.fsutil import atomic_dir, atomic_write_json
 from visionloop.inference import CHECK_PIXEL, INPUT_NAME, OUTPUT_NAMES, OnnxClassifier
@@ -68,6 +70,8 @@ def to_onnx_bytes(model: torch.nn.Module, channels: int, image_size: int) -> byt
 def model_card(payload: dict, dataset: Dataset, metrics: dict, train_config: dict, parity: float) -> dict:
     manifest = dataset.manifest
     spec = payload["spec"]
+    # the parameters preprocess's to_array used for this dataset, stated so serving applies the same
+    transform = InputTransform.for_model(manifest.channels, manifest.image_size)
     return {
         "name": "visionloop residual CNN",
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -81,9 +85,9 @@ def model_card(payload: dict, dataset: Dataset, metrics: dict, train_config: dic
             "shape": [-1, manifest.channels, manifest.image_size, manifest.image_size],
             "range": [0.0, 1.0],
             "layout": "NCHW",
-            "conversion": "grey: PIL convert('L'); colour: convert('RGB') (alpha dropped); "
-            f"resize to {manifest.image_size}x{manifest.image_size} bilinear; divide by 255",
+            "conversion": transform.describe(),
         },
+        "input_transform": transform.to_card(manifest.mean, manifest.std),
         "outputs": {
             OUTPUT_NAMES[0]: {"shape": [-1, len(manifest.classes)], "meaning": "softmax over classes"},
             OUTPUT_NAMES[1]: {

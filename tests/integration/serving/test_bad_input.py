@@ -239,12 +239,12 @@ CASES = [
     upload("bomb-jpeg-sof", 413, "too many pixels", ("b.jpg", jpeg_claiming(60_000, 60_000))),
     upload("bomb-ico-holding-big-png", 413, "5000x5000 = 25,000,000 pixels", ("b.ico", ICO_BOMB)),
     upload("bomb-png-text-chunk", 422, "cannot read image header: Decompressed data too large", ("t.png", TEXT_BOMB)),
-    # --- colour modes: refused unless the client states the conversion
-    upload("mode-rgba", 422, "image mode RGBA is not what the model takes (L)", ("a.png", RGBA_PNG)),
-    upload("mode-palette", 422, "image mode P is not what the model takes", ("p.png", P_PNG)),
-    upload("mode-rgb-for-grey-model", 422, "image mode RGB", ("rgb.png", RGB_PNG)),
-    upload("mode-16-bit", 422, "image mode I;16", ("i16.png", I16_PNG)),
-    upload("mode-cmyk-jpeg", 422, "image mode CMYK", ("c.jpg", encode(noise("CMYK"), "JPEG"))),
+    # --- colour modes: converted as training converted, unless the client says convert=false
+    upload("mode-rgba", 422, "image mode RGBA is not what the model takes (L)", ("a.png", RGBA_PNG), convert="false"),
+    upload("mode-palette", 422, "image mode P is not what the model takes", ("p.png", P_PNG), convert="false"),
+    upload("mode-rgb-for-grey-model", 422, "image mode RGB", ("rgb.png", RGB_PNG), convert="false"),
+    upload("mode-16-bit", 422, "image mode I;16", ("i16.png", I16_PNG), convert="false"),
+    upload("mode-cmyk-jpeg", 422, "image mode CMYK", ("c.jpg", encode(noise("CMYK"), "JPEG")), convert="false"),
     upload("mode-lab-cannot-convert", 422, "cannot convert image mode LAB to L", ("lab.tif", LAB_TIFF), convert="true"),
     upload("mode-rgba-convert", 200, '"converted":"RGBA->L"', ("a.png", RGBA_PNG), convert="true"),
     upload("mode-palette-convert", 200, '"converted":"P->L"', ("p.png", P_PNG), convert="true"),

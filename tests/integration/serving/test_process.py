@@ -1,4 +1,5 @@
-"""The serving process itself: it runs without torch, and SIGTERM lets in-flight requests finish."""
+"""The serving process itself: it runs without torch, scikit-learn or kfp, and SIGTERM lets in-flight
+requests finish."""
 
 from __future__ import annotations
 
@@ -10,29 +11,58 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 import tritonclient.http as triton
 from serving_helpers import publish, settings_for  # this folder is on sys.path (no __init__.py)
 
-# A meta-path hook that makes `import torch` fail, as in a serving image without torch installed.
+# A meta-path hook that makes `import torch`, `import sklearn` and `import kfp` fail, as in a serving image
+# without training's dependencies installed.
 NO_TORCH = """
 import sys
-class _NoTorch:
+BLOCKED = ("torch", "sklearn", "kfp")
+class _NotInTheServingImage:
     def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is not installed in the serving image")
-sys.meta_path.insert(0, _NoTorch())
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not installed in the serving image")
+sys.meta_path.insert(0, _NotInTheServingImage())
 """
+NOTHING_BLOCKED_IMPORTED = (
+    "leaked = sorted(m for m in sys.modules if m.split('.')[0] in BLOCKED)\nassert not leaked, f'imported: {leaked}'\n"
+)
+ROUTE_MODULES = ["predict", "feedback", "ops", "v2"]
 
 
-def test_the_serving_package_imports_without_torch():
+def test_the_serving_package_imports_without_torch_sklearn_or_kfp():
     code = NO_TORCH + (
         "import visionloop.cli, visionloop.serving.app, visionloop.serving.server\n"
-        "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules), 'torch was imported'\n"
-        "try:\n    import torch\nexcept ImportError:\n    print('torch blocked')\n"
+        + NOTHING_BLOCKED_IMPORTED
+        + "for name in BLOCKED:\n"
+        "    try:\n        __import__(name)\n    except ImportError:\n        print(name, 'blocked')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "torch blocked"
+    assert result.stdout.split("\n")[:3] == ["torch blocked", "sklearn blocked", "kfp blocked"]
+
+
+@pytest.mark.parametrize("module", ROUTE_MODULES)
+def test_each_route_module_imports_on_its_own(module):
+    # a fresh interpreter: nothing (not the app) has been imported before the router module
+    code = NO_TORCH + (
+        f"from visionloop.serving.api.routes.{module} import router\n"
+        + NOTHING_BLOCKED_IMPORTED
+        + "assert 'visionloop.serving.app' not in sys.modules\n"
+        "print(' '.join(sorted({r.path for r in router.routes})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    paths = set(result.stdout.split())
+    expected = {
+        "predict": {"/predict"},
+        "feedback": {"/feedback"},
+        "ops": {"/healthz", "/readyz", "/metrics", "/admin/reload"},
+        "v2": {"/v2", "/v2/health/live", "/v2/models/{name}/versions/{version}/infer"},
+    }[module]
+    assert expected <= paths, paths
 
 
 def test_a_server_without_torch_answers_predict_and_v2(

@@ -118,6 +118,28 @@ def test_a_version_that_fails_its_check_is_refused_and_the_old_one_keeps_serving
     assert [p.name for p in (settings.home / "serving" / "models").iterdir() if p.name.startswith("v2-")] == []
 
 
+def test_a_version_whose_card_states_a_transform_the_server_cannot_apply_is_refused(
+    tmp_path, start_server, weak_export, strong_export, digits_dataset, digit_png
+):
+    settings = settings_for(tmp_path / "home")
+    publish(settings, weak_export, digits_dataset)
+    server = start_server(settings, "--poll-seconds", "0")
+    bad = tmp_path / "hwc-export"
+    shutil.copytree(strong_export, bad)
+    card = json.loads((bad / "model_card.json").read_text())
+    card["input_transform"]["layout"] = "HWC"  # a transform this server does not do: never guessed at
+    atomic_write_json(bad / "model_card.json", card)
+    assert publish(settings, bad, digits_dataset) == ("2", True)
+    png, _ = digit_png
+    with server.client() as http:
+        refused = http.post("/admin/reload")
+        assert refused.status_code == 409
+        assert "model card input_transform: layout is 'HWC'; this server applies only 'CHW'" in refused.json()["error"]
+        assert http.get("/readyz").json()["model"]["version"] == "1"
+        answer = http.post("/predict", files={"file": ("x.png", png)})
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
+
+
 def test_without_a_champion_the_server_starts_not_ready_and_becomes_ready_when_one_appears(
     tmp_path, start_server, strong_export, digits_dataset, digit_png
 ):

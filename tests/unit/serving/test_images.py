@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from visionloop.data.preprocess import to_array
+from visionloop.data.transform import InputTransform
 from visionloop.serving.errors import ApiError
 from visionloop.serving.images import decode, pixel_stats
 
@@ -30,6 +31,11 @@ def encode(img: Image.Image, fmt: str = "PNG", **options) -> bytes:
     return buffer.getvalue()
 
 
+def model_input(channels: int) -> InputTransform:
+    """The transform a server applies for a model of ``channels`` x SIZE² (a card without input_transform)."""
+    return InputTransform.from_card({"channels": channels, "image_size": SIZE})
+
+
 def training_array(data: bytes, channels: int) -> np.ndarray:
     """What preprocessing makes of the same bytes."""
     with Image.open(io.BytesIO(data)) as img:
@@ -38,14 +44,14 @@ def training_array(data: bytes, channels: int) -> np.ndarray:
 
 def refused(data: bytes, channels: int = 3, max_pixels: int = MAX_PIXELS, convert: bool = False) -> ApiError:
     with pytest.raises(ApiError) as caught:
-        decode(data, SIZE, channels, max_pixels, convert, "upload.png")
+        decode(data, model_input(channels), max_pixels, convert, "upload.png")
     return caught.value
 
 
 @pytest.mark.parametrize("mode, channels", [("L", 1), ("RGB", 3)])
 def test_native_mode_passes_and_is_resized_like_training(tmp_path, write_png, mode, channels):
     data = write_png(tmp_path / "x.png", size=(20, 12), mode=mode, seed=3).read_bytes()
-    decoded = decode(data, SIZE, channels, MAX_PIXELS, False, "x.png")
+    decoded = decode(data, model_input(channels), MAX_PIXELS, False, "x.png")
     assert decoded.pixels.dtype == np.uint8
     assert decoded.pixels.shape == (channels, SIZE, SIZE)
     assert (decoded.width, decoded.height, decoded.mode, decoded.converted) == (20, 12, mode, None)
@@ -54,14 +60,14 @@ def test_native_mode_passes_and_is_resized_like_training(tmp_path, write_png, mo
 
 def test_image_at_the_model_size_keeps_its_pixels(tmp_path, write_png):
     path = write_png(tmp_path / "x.png", size=SIZE, mode="RGB", seed=4)
-    decoded = decode(path.read_bytes(), SIZE, 3, MAX_PIXELS, False, "x.png")
+    decoded = decode(path.read_bytes(), model_input(3), MAX_PIXELS, False, "x.png")
     with Image.open(path) as img:
         np.testing.assert_array_equal(decoded.pixels, np.asarray(img).transpose(2, 0, 1))
 
 
 def test_jpeg_decodes_like_training():
     data = encode(noise_image("RGB", (33, 17)), "JPEG", quality=90)
-    decoded = decode(data, SIZE, 3, MAX_PIXELS, False, "x.jpg")
+    decoded = decode(data, model_input(3), MAX_PIXELS, False, "x.jpg")
     assert (decoded.mode, decoded.width, decoded.height) == ("RGB", 33, 17)
     np.testing.assert_array_equal(decoded.pixels, training_array(data, 3))
 
@@ -94,7 +100,7 @@ def test_non_native_mode_is_refused_with_422_naming_the_mode(mode, fmt, channels
 @pytest.mark.parametrize("mode, fmt, channels", NON_NATIVE)
 def test_non_native_mode_with_convert_is_converted_like_training(mode, fmt, channels):
     data = encode(noise_image(mode), fmt)
-    decoded = decode(data, SIZE, channels, MAX_PIXELS, True, "x")
+    decoded = decode(data, model_input(channels), MAX_PIXELS, True, "x")
     target = "L" if channels == 1 else "RGB"
     assert decoded.converted == f"{mode}->{target}"
     assert decoded.mode == mode
@@ -104,7 +110,7 @@ def test_non_native_mode_with_convert_is_converted_like_training(mode, fmt, chan
 
 def test_native_mode_with_convert_states_no_conversion(tmp_path, write_png):
     data = write_png(tmp_path / "x.png", mode="L").read_bytes()
-    assert decode(data, SIZE, 1, MAX_PIXELS, True, "x").converted is None
+    assert decode(data, model_input(1), MAX_PIXELS, True, "x").converted is None
 
 
 def sixteen_bit_png() -> bytes:
@@ -123,7 +129,7 @@ def test_16_bit_png_is_refused_without_convert():
 
 def test_16_bit_png_with_convert_is_scaled_like_training():
     data = sixteen_bit_png()
-    decoded = decode(data, SIZE, 1, MAX_PIXELS, True, "depth.png")
+    decoded = decode(data, model_input(1), MAX_PIXELS, True, "depth.png")
     assert decoded.converted == "I;16->L"
     np.testing.assert_array_equal(decoded.pixels, training_array(data, 1))
     # stretched to 0-255 rather than clipped: the gradient still spans the whole range
@@ -171,7 +177,7 @@ def test_too_many_pixels_is_a_413_from_the_header():
 
 
 def test_pixel_limit_is_inclusive():
-    decoded = decode(single_colour_png(40, 25), SIZE, 1, 1000, False, "x")
+    decoded = decode(single_colour_png(40, 25), model_input(1), 1000, False, "x")
     assert (decoded.width, decoded.height) == (40, 25)
     assert np.all(decoded.pixels == 128)
     assert refused(single_colour_png(41, 25), channels=1, max_pixels=1000).status == 413

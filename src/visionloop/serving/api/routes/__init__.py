@@ -1,0 +1,1 @@
+"""One router per concern; each module imports on its own (its state comes from ``api/deps.py``)."""
