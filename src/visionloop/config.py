@@ -9,6 +9,7 @@ below. Every CLI option's default and help text is read from here, so there is o
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -115,6 +116,13 @@ class RegistrySettings(_Group):
         "store under the project home.",
     )
     experiment: str = Field("visionloop", description="MLflow experiment name.")
+    timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait for one answer from the MLflow store (an HTTP request, or a locked SQLite "
+        "file) before the command fails instead of retrying for minutes.",
+    )
 
     @field_validator("model_name")
     @classmethod
@@ -150,6 +158,11 @@ class ServeSettings(_Group):
         ge=1,
         le=89_478_485,  # Pillow's own bomb limit (Image.MAX_IMAGE_PIXELS) would refuse larger images anyway
         description="Largest decoded image in pixels (decompression bombs get 413).",
+    )
+    convert: bool = Field(
+        True,
+        description="Convert /predict uploads to the model's colour mode and size as training did; "
+        "false refuses other modes with 422 (a request's convert=true|false overrides it).",
     )
     poll_seconds: float = Field(
         30.0, ge=0, description="How often to ask the registry whether the served alias moved (0 = never)."
@@ -194,9 +207,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = _CONFIG_FILE.get("path")
-        if config_file is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        path = find_config_file(_EXPLICIT_FILE.get())
+        if path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
 
     @property
@@ -213,9 +226,21 @@ class Settings(BaseSettings):
         return (self.home / "mlartifacts").resolve()
 
 
-# The YAML file is chosen per load; pydantic-settings reads sources from a classmethod, so it is
-# handed over here for the duration of one ``load_settings`` call.
-_CONFIG_FILE: dict[str, Path | None] = {"path": None}
+# The YAML file named by one ``load_settings`` call (--config); pydantic-settings reads its sources
+# from a classmethod, so it is handed over for the duration of the call (per thread and task).
+_EXPLICIT_FILE: ContextVar[Path | None] = ContextVar("visionloop_config_file", default=None)
+
+
+def find_config_file(explicit: Path | None = None) -> Path | None:
+    """The YAML file settings come from, whoever builds them (``Settings()`` or ``load_settings``):
+    ``explicit`` (--config), else VISIONLOOP_CONFIG, else ./visionloop.yaml when it exists."""
+    if explicit is None and os.environ.get("VISIONLOOP_CONFIG"):
+        explicit = Path(os.environ["VISIONLOOP_CONFIG"])
+    if explicit is None:
+        return Path("visionloop.yaml") if Path("visionloop.yaml").is_file() else None
+    if not explicit.is_file():
+        raise ConfigError(f"config file not found: {explicit}")
+    return explicit
 
 
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -244,13 +269,7 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Build the settings; any problem becomes one ConfigError naming the bad key."""
-    if config_file is None and os.environ.get("VISIONLOOP_CONFIG"):
-        config_file = Path(os.environ["VISIONLOOP_CONFIG"])
-    if config_file is None and Path("visionloop.yaml").is_file():
-        config_file = Path("visionloop.yaml")
-    if config_file is not None and not config_file.is_file():
-        raise ConfigError(f"config file not found: {config_file}")
-    _CONFIG_FILE["path"] = config_file
+    token = _EXPLICIT_FILE.set(find_config_file(config_file))
     try:
         # init kwargs replace whole nested groups, so flags are merged over env + file first.
         base = Settings().model_dump() if overrides else {}
@@ -262,7 +281,7 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     except Exception as exc:  # YAML syntax errors, unreadable files, bad env JSON
         raise ConfigError(f"could not read settings: {exc}") from None
     finally:
-        _CONFIG_FILE["path"] = None
+        _EXPLICIT_FILE.reset(token)
 
 
 def default_of(dotted: str) -> Any:

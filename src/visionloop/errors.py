@@ -25,3 +25,11 @@ class ExportError(VisionloopError):
 
 class RegistryError(VisionloopError):
     """The MLflow store refused an operation, or a model/alias/version does not exist."""
+
+
+class Reported(VisionloopError):
+    """A failure a training process has already reported on its own output: exit with its code, say nothing more."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__("")
+        self.exit_code = exit_code

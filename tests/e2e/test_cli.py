@@ -109,7 +109,8 @@ def test_run_prints_one_json_object_a_rerun_is_cached_and_no_cache_registers_ver
     first = json.loads(result.stdout)
     assert set(first) >= RUN_KEYS
     assert first["dataset_version"].startswith("ds-")
-    assert 0.0 <= first["test_accuracy"] <= 1.0 and 0.0 <= first["baseline_accuracy"] <= 1.0
+    # measured on these 90 images: CNN 0.333 after 2 epochs (chance, 3 balanced classes), SVC 0.556
+    assert first["test_accuracy"] >= 1 / 3 - 1e-9 and first["baseline_accuracy"] >= 0.5
     assert first["model_name"] == "visionloop-classifier"
     assert first["model_version"] == "1"
     assert first["gate_decision"] == "promoted"
@@ -199,7 +200,7 @@ def test_stage_by_stage_commands_do_what_run_does(cli: Any) -> None:
     assert trained["epochs_run"] == 2 and trained["resumed_from_epoch"] is None
     assert trained["dataset_dir"] == prepared["dataset_dir"]
     evaluated = cli.json("evaluate")
-    assert 0.0 <= evaluated["test_accuracy"] <= 1.0
+    assert evaluated["test_accuracy"] >= 1 / 3 - 1e-9  # measured 0.333 (chance) after 2 epochs
     exported = cli.json("export")
     assert (Path(exported["export_dir"]) / "model.onnx").is_file()
     registered = cli.json("register")
@@ -424,7 +425,8 @@ def test_interrupted_training_resumes_in_the_same_mlflow_run(cli: Any) -> None:
     assert mlflow_client(cli.home).get_run(started["run_id"]).info.status == "KILLED"
 
     resumed = cli.json("train", "--resume")
-    assert mlflow_client(cli.home).get_run(started["run_id"]).info.status == "RUNNING"  # until it is registered
+    # every stage command ends the run it worked in; the next step in the run opens it again
+    assert mlflow_client(cli.home).get_run(started["run_id"]).info.status == "FINISHED"
     assert resumed["resumed_from_epoch"] >= 1
     assert resumed["epochs_run"] == epochs
     assert resumed["run_id"] == started["run_id"]
@@ -433,6 +435,11 @@ def test_interrupted_training_resumes_in_the_same_mlflow_run(cli: Any) -> None:
     handed_on = json.loads((cli.home / "latest" / "train.json").read_text())
     assert (handed_on["run_id"], handed_on["work_dir"]) == (started["run_id"], started["work_dir"])
     assert Path(handed_on["model_path"]).is_file()
+
+    # a stage command that fails leaves the run FAILED, not RUNNING
+    Path(handed_on["model_path"]).write_bytes(b"not a model")
+    assert cli("evaluate").returncode != 0
+    assert mlflow_client(cli.home).get_run(started["run_id"]).info.status == "FAILED"
 
 
 def test_sigterm_during_run_stops_cleanly_and_training_can_resume(cli: Any) -> None:

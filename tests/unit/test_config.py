@@ -220,3 +220,18 @@ def test_serve_defaults_and_limits():
 def test_serve_admin_token_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("VISIONLOOP_SERVE__ADMIN_TOKEN", "s3cret")
     assert load_settings().serve.admin_token == "s3cret"
+
+
+def test_settings_and_load_settings_read_the_same_file(tmp_path, monkeypatch):
+    # every entry point (a stage command, a KFP component, a torchrun worker) resolves settings alike
+    for name in [n for n in os.environ if n.startswith("VISIONLOOP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "visionloop.yaml").write_text("train:\n  epochs: 7\n")
+    assert Settings().train.epochs == load_settings().train.epochs == 7
+    other = tmp_path / "other.yaml"
+    other.write_text("train:\n  epochs: 9\n")
+    monkeypatch.setenv("VISIONLOOP_CONFIG", str(other))
+    assert Settings().train.epochs == load_settings().train.epochs == 9
+    assert load_settings(tmp_path / "visionloop.yaml").train.epochs == 7  # --config wins
+    assert Settings().train.epochs == 9  # and only for that call

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.model_selection import train_test_split
 
+from visionloop.data.transform import to_array
 from visionloop.data.validate import ValidationReport
 from visionloop.errors import DataError
 from visionloop.fsutil import atomic_dir, atomic_write_json, read_json
@@ -97,27 +97,18 @@ def dataset_version(report: ValidationReport, params: PreprocessParams) -> str:
 
 
 def load_image(path: Path, image_size: int, channels: int) -> np.ndarray:
-    """One image as uint8 (C, H, W) in the dataset's layout; serving applies the same conversion."""
+    """One image as uint8 (C, H, W) in the dataset's layout (``data/transform.py``, which serving applies too)."""
     with Image.open(path) as img:
         return to_array(img, image_size, channels)
-
-
-def to_array(img: Image.Image, image_size: int, channels: int) -> np.ndarray:
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(img, dtype=np.float64)
-        span = array.max() - array.min()
-        img = Image.fromarray(((array - array.min()) / (span or 1.0) * 255).astype(np.uint8), "L")
-    converted = img.convert("L" if channels == 1 else "RGB")
-    if converted.size != (image_size, image_size):
-        converted = converted.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    array = np.asarray(converted, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
 
 def split_indices(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
     """Stratified, seeded split ids (0 train, 1 val, 2 test) for ``labels``."""
     index = np.arange(len(labels))
     try:
+        # imported here: the CLI (and so `visionloop serve`) imports this module, and serving needs no sklearn
+        from sklearn.model_selection import train_test_split
+
         rest, test = train_test_split(index, test_size=test_fraction, stratify=labels, random_state=seed)
         val_share = val_fraction / (1.0 - test_fraction)
         _train, val = train_test_split(rest, test_size=val_share, stratify=labels[rest], random_state=seed)

@@ -21,12 +21,13 @@ import json
 import tarfile
 import zipfile
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
 from visionloop.data.synthetic import SyntheticSpec, generate
 from visionloop.errors import DataError
@@ -36,8 +37,11 @@ MAX_EXTRACTED_BYTES = 20 * 1024**3  # refuse archives that would unpack to more 
 _IGNORED = {"__MACOSX", ".DS_Store", "Thumbs.db"}
 
 
-@dataclass(frozen=True)
-class IngestResult:
+class IngestResult(BaseModel):
+    """What ingest hands on (a pydantic model, as every step output is: one serialiser for all)."""
+
+    model_config = ConfigDict(frozen=True)
+
     root: Path  # folder whose sub-folders are the classes
     source: str  # what the user asked for
     kind: str  # digits | synthetic | folder | archive | url
@@ -46,11 +50,11 @@ class IngestResult:
     num_files: int
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "root": str(self.root)}
+        return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, data: dict) -> IngestResult:
-        return cls(**{**data, "root": Path(data["root"])})
+        return cls.model_validate(data)
 
 
 def _visible(path: Path) -> bool:
@@ -82,7 +86,9 @@ def _describe(root: Path, source: str, kind: str, hflip_ok: bool) -> IngestResul
     num_files = sum(1 for c in classes for f in (class_root / c).rglob("*") if f.is_file() and _visible(f))
     if num_files == 0:
         raise DataError(f"the class folders in {source} hold no files")
-    return IngestResult(class_root, source, kind, hflip_ok, classes, num_files)
+    return IngestResult(
+        root=class_root, source=source, kind=kind, hflip_ok=hflip_ok, classes=classes, num_files=num_files
+    )
 
 
 def write_digits(dest: Path) -> int:
@@ -243,7 +249,7 @@ def ingest(
             root = _cached(home, key, build) / "data"
             result = _describe(root, source, "archive", hflip_ok=False)
     if hflip is not None:
-        result = IngestResult(result.root, result.source, result.kind, hflip, result.classes, result.num_files)
+        result = result.model_copy(update={"hflip_ok": hflip})
     return result
 
 

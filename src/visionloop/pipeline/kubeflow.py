@@ -1,16 +1,19 @@
-"""The Kubeflow pipeline: the same eight steps that ``visionloop run`` chains, as KFP v2 components.
+"""The Kubeflow pipeline: the steps of ``dataflow.STEPS``, the same ones ``visionloop run`` loops over, as KFP v2 components.
 
-Each component is a lightweight Python component (``@dsl.component``): KFP ships the function's source,
-so every import sits inside its body, and the container image must have visionloop installed (which
-brings kfp). A component rebuilds the settings, calls its step from ``visionloop.pipeline.steps``
-unchanged, and copies what the step wrote into its output artifact; nothing else happens in it.
+Each component is a lightweight Python component (``@dsl.component``) generated from the declaration
+(``component_source``): a static signature, as KFP needs, and one call, ``run_step("<step>", ...)``, that
+rebuilds the settings and the step's arguments, calls the step function by name and packs its output.
+KFP ships that source, and the container image must have visionloop installed (which brings kfp).
 
-    ingest ─raw─► validate ─report─► preprocess ─dataset─► train ─model, run_id─► evaluate ─metrics─►
-    export ─onnx─► register ─version─► promote ─gate─►
+    ingest ─raw─► validate ─report─► preprocess ─dataset─► train ─model, run_id─► evaluate ─evaluation─►
+    export ─onnx_model─► register ─version─► promote ─decision, gate─►
 
-- Components may run in different pods, so each one works in a scratch ``home`` of its own and hands
-  everything on as artifacts (``dsl.Dataset``, ``dsl.Model``, ``dsl.Artifact``) or parameters (the
-  MLflow ``run_id``, the registered ``version``); evaluation and the gate's decision are ``dsl.Metrics``.
+- Components may run in different pods, so each one works in a scratch ``home`` of its own. A step's
+  output travels as one artifact (``Kfp.artifact``: a Dataset, Model or Artifact holding the files the
+  output points at, and the output's JSON in its metadata) or as parameters (``Kfp.parameters``: the
+  MLflow ``run_id``, the registered ``version``); evaluation and the gate's decision are also ``dsl.Metrics``.
+  A component takes each input from the step that produced it: evaluate's dataset is preprocess's artifact,
+  which train handed on.
 - Pipeline parameters: ``settings_json`` (the groups data, validation, train, gate and registry of
   ``Settings`` as JSON; ``{}`` means the image's defaults), ``tracking_uri`` (wins over
   ``registry.tracking_uri``), and the resources ``cpu``, ``memory``, ``gpus`` (strings: the KFP backend
@@ -24,26 +27,28 @@ unchanged, and copies what the step wrote into its output artifact; nothing else
 import contextlib
 import io
 import json
+import linecache
 import os
 import re
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from kfp import dsl
+from pydantic import BaseModel
 
 from visionloop.config import Settings
 from visionloop.errors import ConfigError, VisionloopError
+from visionloop.pipeline import dataflow, steps
 
 DEFAULT_IMAGE = "ghcr.io/visionloop/visionloop:latest"
 PIPELINE_NAME = "visionloop"
-STEPS = ("ingest", "validate", "preprocess", "train", "evaluate", "export", "register", "promote")
+STEPS = tuple(step.name for step in dataflow.STEPS)
 # what travels in settings_json: the groups the steps read (not home, which is per pod, nor serve)
 SETTINGS_GROUPS = ("data", "validation", "train", "gate", "registry")
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -106,39 +111,6 @@ def _keep_sqlite_artifacts_beside_db(settings: Settings) -> None:
         registry.connect(settings.model_copy(update={"home": Path(uri.removeprefix("sqlite:///")).parent}))
 
 
-def copy_into(source: Path, artifact_path: str) -> None:
-    """Copy a folder a step wrote into an output artifact's folder."""
-    shutil.copytree(source, artifact_path, dirs_exist_ok=True)
-
-
-def ingested_from(raw: Any) -> Any:
-    """The ``IngestResult`` of an ingest output artifact, rooted wherever the artifact is in this pod."""
-    from visionloop.data.sources import IngestResult
-
-    meta = raw.metadata
-    return IngestResult(
-        root=Path(raw.path),
-        source=str(meta["source"]),
-        kind=str(meta["kind"]),
-        hflip_ok=bool(meta["hflip_ok"]),
-        classes=[str(c) for c in meta["classes"]],
-        num_files=int(meta["num_files"]),
-    )
-
-
-def relocated_report(report_dir: str, image_root: str, scratch: Path) -> Path:
-    """A copy of the validation report whose ``root`` is where the images are in this pod.
-
-    The report stores the absolute folder it validated, which was the validate pod's copy of the images."""
-    from visionloop.fsutil import atomic_write_json, read_json
-
-    data = read_json(Path(report_dir) / "report.json")
-    data["root"] = str(image_root)
-    path = scratch / "report" / "report.json"
-    atomic_write_json(path, data)
-    return path
-
-
 def numbers(values: dict[str, Any]) -> dict[str, float]:
     """The finite numbers of ``values`` (KFP metrics and MLflow take nothing else)."""
     import math
@@ -150,279 +122,176 @@ def numbers(values: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def log_metrics(metrics: Any, values: dict[str, Any]) -> None:
-    for name, value in numbers(values).items():
-        metrics.log_metric(name, value)
+OUTPUT_KEY = "visionloop.output"  # the step's output JSON in its artifact's metadata
 
 
-@contextmanager
-def run_marked_failed_on_error(run_id: str) -> Iterator[None]:
-    """As the local runner does: a step after train that fails marks the MLflow run FAILED."""
-    try:
-        yield
-    except BaseException:
-        from visionloop import registry
-
-        # the store may be what failed; the step's own error is the one to report
-        with contextlib.suppress(Exception):
-            registry.set_run_status(run_id, "FAILED")
-        raise
+def _path_fields(out: BaseModel) -> list[str]:
+    return [name for name, value in out if isinstance(value, Path)]
 
 
-# ---------------------------------------------------------------- the components (imports inside)
+def pack(step: dataflow.Step, out: BaseModel, artifact: Any) -> None:
+    """Put what ``out`` points at into ``artifact``'s folder and the output itself, with those paths made
+    relative to the folder, into its metadata. Fields handed on from an input are left to their producer."""
+    root = Path(artifact.path)
+    root.mkdir(parents=True, exist_ok=True)
+    data = steps.as_json(out)
+    copied: dict[Path, Path] = {}  # a folder copied so far -> where it is in the artifact
+    own = [f for f in _path_fields(out) if f not in step.wiring]
+    own.sort(key=lambda f: not Path(getattr(out, f)).is_dir())  # folders first: files inside them come along
+    for index, name in enumerate(own):
+        path = Path(getattr(out, name))
+        inside = next((src for src in copied if path.is_relative_to(src)), None)
+        if inside is not None:
+            data[name] = str(copied[inside] / path.relative_to(inside))
+            continue
+        folder = path if path.is_dir() else path.parent
+        dest = Path(".") if index == 0 else Path(name)  # the first one fills the artifact, as a user expects
+        shutil.copytree(folder, root / dest, dirs_exist_ok=True)
+        copied[folder] = dest
+        data[name] = str(dest if path.is_dir() else dest / path.name)
+    artifact.metadata[OUTPUT_KEY] = json.dumps(data)
+    artifact.metadata.update(numbers(data))
 
 
-def ingest(settings_json: str, raw: dsl.Output[dsl.Dataset]) -> None:
-    """Fetch or generate the images (steps.ingest_step); the class folders become the ``raw`` Dataset."""
-    import tempfile
-    from pathlib import Path
-
-    from visionloop.pipeline import kubeflow as kf
-    from visionloop.pipeline import steps
-
-    with tempfile.TemporaryDirectory(prefix="visionloop-ingest-") as scratch:
-        settings = kf.component_settings(settings_json, Path(scratch))
-        out = steps.ingest_step(settings)
-        kf.copy_into(out.root, raw.path)
-    raw.metadata.update(
-        {
-            "source": out.source,
-            "kind": out.kind,
-            "hflip_ok": out.hflip_ok,
-            "classes": out.classes,
-            "num_files": out.num_files,
-        }
-    )
+def unpack(step: dataflow.Step, artifact: Any) -> BaseModel:
+    """The output ``pack`` stored, with its paths where the artifact's folder is in this pod."""
+    data = json.loads(artifact.metadata[OUTPUT_KEY])
+    for name in _path_fields(step.output.model_validate(data)):
+        if name not in step.wiring:
+            data[name] = str(Path(artifact.path) / data[name])
+    return step.output.model_validate(data)
 
 
-def validate(settings_json: str, raw: dsl.Input[dsl.Dataset], report: dsl.Output[dsl.Artifact]) -> None:
-    """Decode and check every image (steps.validate_step); fails the run when the policy fails."""
-    import tempfile
-    from pathlib import Path
-
-    from visionloop.pipeline import kubeflow as kf
-    from visionloop.pipeline import steps
-
-    with tempfile.TemporaryDirectory(prefix="visionloop-validate-") as scratch:
-        settings = kf.component_settings(settings_json, Path(scratch))
-        out = steps.validate_step(kf.ingested_from(raw), settings)
-        kf.copy_into(out.report_path.parent, report.path)
-    report.metadata.update(
-        {"passed": out.passed, "usable": out.usable, "bad": out.bad, "classes": out.classes, "warnings": out.warnings}
-    )
-
-
-def preprocess(
+def run_step(
+    name: str,
     settings_json: str,
-    raw: dsl.Input[dsl.Dataset],
-    report: dsl.Input[dsl.Artifact],
-    dataset: dsl.Output[dsl.Dataset],
-) -> None:
-    """Split, resize and normalise (steps.preprocess_step) into the versioned ``dataset``."""
-    import tempfile
-    from pathlib import Path
+    tracking_uri: str = "",
+    inputs: dict[str, Any] | None = None,
+    parameters: dict[str, Any] | None = None,
+    output: Any = None,
+    metrics: Any = None,
+    declared: tuple[dataflow.Step, ...] | None = None,
+) -> dict[str, Any]:
+    """What every component does: rebuild its arguments, call the step by name, pack its output.
 
-    from visionloop.pipeline import kubeflow as kf
-    from visionloop.pipeline import steps
+    ``inputs``: upstream step name -> its artifact; ``parameters``: "step.field" -> value. Each wired
+    argument comes from the step that produced it (``dataflow.resolve``). Returns the KFP parameters."""
+    step = dataflow.step_named(name, declared)
+    with tempfile.TemporaryDirectory(prefix=f"visionloop-{name}-") as scratch:
+        settings = component_settings(settings_json, Path(scratch) / "home", tracking_uri, needs_mlflow=step.in_run)
+        unpacked = {up: unpack(dataflow.step_named(up, declared), art) for up, art in (inputs or {}).items()}
+        args: dict[str, Any] = {"settings": settings} if step.takes("settings") else {}
+        for parameter, wire in step.wiring.items():
+            if isinstance(wire, dataflow.Scratch):
+                args[parameter] = Path(scratch) / wire.name
+                continue
+            source = dataflow.resolve(wire, declared)
+            dotted = f"{source.step}.{source.field}"
+            if parameters and dotted in parameters:
+                args[parameter] = parameters[dotted]
+            else:
+                produced = unpacked[source.step]
+                args[parameter] = produced if source.field is None else getattr(produced, source.field)
+        if step.takes("work_dir"):
+            args["work_dir"] = Path(scratch) / "run"
+        out = dataflow.execute(step, args, settings)
+        if output is not None:
+            pack(step, out, output)
+    if metrics is not None:
+        values = step.kfp.numbers(out) if step.kfp.numbers else numbers(steps.as_json(out))
+        for key, value in numbers(values).items():
+            metrics.log_metric(key, value)
+    return {p: getattr(out, p) for p in step.kfp.parameters}
 
-    with tempfile.TemporaryDirectory(prefix="visionloop-preprocess-") as scratch:
-        settings = kf.component_settings(settings_json, Path(scratch))
-        report_path = kf.relocated_report(report.path, raw.path, Path(scratch))
-        out = steps.preprocess_step(report_path, kf.ingested_from(raw), settings)
-        kf.copy_into(out.dataset_dir, dataset.path)
-    dataset.metadata.update(
-        {
-            "dataset_version": out.dataset_version,
-            "image_size": out.image_size,
-            "channels": out.channels,
-            "counts": out.counts,
-            "hflip_ok": out.hflip_ok,
-        }
+
+# ---------------------------------------------------------------- the components, generated from the declaration
+
+
+def _wires(step: dataflow.Step, declared: tuple[dataflow.Step, ...]) -> tuple[list[str], list[str]]:
+    """(upstream steps whose artifacts this component takes, "step.field" parameters it takes)."""
+    artifacts: list[str] = []
+    parameters: list[str] = []
+    for wire in step.wiring.values():
+        if not isinstance(wire, dataflow.From):
+            continue
+        source = dataflow.resolve(wire, declared)
+        producer = dataflow.step_named(source.step, declared)
+        if source.field is not None and source.field in producer.kfp.parameters:
+            if f"{source.step}.{source.field}" not in parameters:
+                parameters.append(f"{source.step}.{source.field}")
+        elif source.step not in artifacts:
+            artifacts.append(source.step)
+    return artifacts, parameters
+
+
+def component_source(step: dataflow.Step, declared: tuple[dataflow.Step, ...]) -> str:
+    """The Python source of ``step``'s lightweight component: a static signature, one call of ``run_step``."""
+    artifacts, parameters = _wires(step, declared)
+    args = ["settings_json: str"] + (["tracking_uri: str"] if step.in_run else [])
+    args += [f"{p.split('.')[1]}: str" for p in parameters]
+    for up in artifacts:
+        name, kind = dataflow.step_named(up, declared).kfp.artifact or (up, "Artifact")
+        args.append(f"{name}: dsl.Input[dsl.{kind}]")
+    if step.kfp.artifact:
+        args.append(f"{step.kfp.artifact[0]}: dsl.Output[dsl.{step.kfp.artifact[1]}]")
+    if step.kfp.metrics:
+        args.append(f"{step.kfp.metrics}: dsl.Output[dsl.Metrics]")
+    inputs = ", ".join(f"{up!r}: {(dataflow.step_named(up, declared).kfp.artifact or (up,))[0]}" for up in artifacts)
+    params = ", ".join(f"{p!r}: {p.split('.')[1]}" for p in parameters)
+    call = [
+        f"{step.name!r}",
+        "settings_json",
+        *(["tracking_uri"] if step.in_run else []),
+        f"inputs={{{inputs}}}",
+        f"parameters={{{params}}}",
+        f"output={step.kfp.artifact[0] if step.kfp.artifact else None}",
+        f"metrics={step.kfp.metrics}",
+    ]
+    if not step.in_run:
+        call[2:2] = ['""']
+    returns = "None"
+    body = f"kubeflow.run_step({', '.join(call)})"
+    if step.kfp.parameters:
+        fields = ", ".join(f"({p!r}, str)" for p in step.kfp.parameters)
+        returns = f"NamedTuple('{step.name.title()}Outputs', [{fields}])"
+        body = (
+            f"values = {body}\n    from collections import namedtuple\n\n"
+            f"    return namedtuple('{step.name.title()}Outputs', {list(step.kfp.parameters)!r})(**values)"
+        )
+    else:
+        body = f"{body}"
+    return (
+        f"def {step.name}({', '.join(args)}) -> {returns}:\n"
+        f'    """The visionloop step {step.name!r}: {step.help.splitlines()[0]}"""\n'
+        f"    from visionloop.pipeline import kubeflow\n\n"
+        f"    {body}\n"
     )
 
 
-def train(
-    settings_json: str,
-    tracking_uri: str,
-    dataset: dsl.Input[dsl.Dataset],
-    model: dsl.Output[dsl.Model],
-) -> NamedTuple("TrainOutputs", [("run_id", str)]):
-    """Train with MLflow tracking (steps.train_step); the weights become ``model``, the run id an output."""
-    import shutil
-    import tempfile
-    from collections import namedtuple
-    from pathlib import Path
-
-    from visionloop.pipeline import kubeflow as kf
-    from visionloop.pipeline import steps
-
-    with tempfile.TemporaryDirectory(prefix="visionloop-train-") as scratch:
-        settings = kf.component_settings(settings_json, Path(scratch), tracking_uri, needs_mlflow=True)
-        out = steps.train_step(Path(dataset.path), settings, steps.new_work_dir(settings.home), show_progress=False)
-        Path(model.path).mkdir(parents=True, exist_ok=True)
-        for produced in (out.model_path, out.model_path.with_name("history.json")):
-            shutil.copy2(produced, Path(model.path) / produced.name)
-    model.metadata.update(
-        {
-            "framework": "pytorch",
-            "run_id": out.run_id,
-            "dataset_version": dataset.metadata.get("dataset_version", ""),
-            "device": out.device,
-            "epochs_run": out.epochs_run,
-            "best_epoch": out.best_epoch,
-            "best_val_accuracy": out.best_val_accuracy,
-            "parameters": out.parameters,
-        }
-    )
-    return namedtuple("TrainOutputs", ["run_id"])(out.run_id)
-
-
-def evaluate(
-    settings_json: str,
-    tracking_uri: str,
-    run_id: str,
-    model: dsl.Input[dsl.Model],
-    dataset: dsl.Input[dsl.Dataset],
-    metrics: dsl.Output[dsl.Metrics],
-    evaluation: dsl.Output[dsl.Artifact],
-) -> None:
-    """Score the test split beside the baseline (steps.evaluate_step); the numbers become ``metrics``."""
-    import tempfile
-    from pathlib import Path
-
-    from visionloop.pipeline import kubeflow as kf
-    from visionloop.pipeline import steps
-
-    with tempfile.TemporaryDirectory(prefix="visionloop-evaluate-") as scratch:
-        settings = kf.component_settings(settings_json, Path(scratch), tracking_uri, needs_mlflow=True)
-        with kf.run_marked_failed_on_error(run_id):
-            out = steps.evaluate_step(
-                Path(model.path) / "model.pt", Path(dataset.path), run_id, settings, Path(scratch) / "evaluation"
-            )
-        kf.copy_into(out.metrics_path.parent, evaluation.path)
-    kf.log_metrics(metrics, out.metrics)
-    evaluation.metadata.update({"baseline_name": out.baseline_name, "test_accuracy": out.test_accuracy})
-
-
-def export(
-    settings_json: str,
-    tracking_uri: str,
-    run_id: str,
-    model: dsl.Input[dsl.Model],
-    dataset: dsl.Input[dsl.Dataset],
-    metrics: dsl.Input[dsl.Metrics],
-    onnx_model: dsl.Output[dsl.Model],
-) -> None:
-    """Export to ONNX and check parity (steps.export_step); the model folder becomes ``onnx_model``."""
-    import tempfile
-    from pathlib import Path
-
-    from visionloop.pipeline import kubeflow as kf
-    from visionloop.pipeline import steps
-
-    with tempfile.TemporaryDirectory(prefix="visionloop-export-") as scratch:
-        settings = kf.component_settings(settings_json, Path(scratch), tracking_uri, needs_mlflow=True)
-        with kf.run_marked_failed_on_error(run_id):
-            out = steps.export_step(
-                Path(model.path) / "model.pt",
-                Path(dataset.path),
-                kf.numbers(dict(metrics.metadata)),
-                settings,
-                Path(scratch) / "export",
-            )
-        kf.copy_into(out.export_dir, onnx_model.path)
-    onnx_model.metadata.update(
-        {"framework": "onnx", "max_abs_diff": out.max_abs_diff, "parity_images": out.parity_images}
-    )
-
-
-def register(
-    settings_json: str,
-    tracking_uri: str,
-    run_id: str,
-    onnx_model: dsl.Input[dsl.Model],
-) -> NamedTuple("RegisterOutputs", [("model_name", str), ("version", str), ("model_uri", str)]):
-    """Log and register the ONNX model as ``challenger`` (steps.register_step)."""
-    import tempfile
-    from collections import namedtuple
-    from pathlib import Path
-
-    from visionloop.pipeline import kubeflow as kf
-    from visionloop.pipeline import steps
-
-    with tempfile.TemporaryDirectory(prefix="visionloop-register-") as scratch:
-        settings = kf.component_settings(settings_json, Path(scratch), tracking_uri, needs_mlflow=True)
-        with kf.run_marked_failed_on_error(run_id):
-            out = steps.register_step(Path(onnx_model.path), run_id, settings)
-    return namedtuple("RegisterOutputs", ["model_name", "version", "model_uri"])(
-        out.model_name, out.version, out.model_uri
-    )
-
-
-def promote(
-    settings_json: str,
-    tracking_uri: str,
-    run_id: str,
-    version: str,
-    dataset: dsl.Input[dsl.Dataset],
-    gate: dsl.Output[dsl.Metrics],
-    decision: dsl.Output[dsl.Artifact],
-) -> None:
-    """The quality gate (steps.promote_step): ``champion`` moves only if the challenger wins."""
-    import tempfile
-    from pathlib import Path
-
-    from visionloop import registry
-    from visionloop.fsutil import atomic_write_json
-    from visionloop.pipeline import kubeflow as kf
-    from visionloop.pipeline import steps
-
-    with tempfile.TemporaryDirectory(prefix="visionloop-promote-") as scratch:
-        settings = kf.component_settings(settings_json, Path(scratch), tracking_uri, needs_mlflow=True)
-        with kf.run_marked_failed_on_error(run_id):
-            out = steps.promote_step(version, Path(dataset.path), settings)
-        registry.set_run_status(run_id, "FINISHED")
-    atomic_write_json(Path(decision.path), steps.as_json(out))
-    decision.metadata.update({"promoted": out.promoted, "aliases": out.aliases, "reasons": out.reasons})
-    kf.log_metrics(
-        gate,
-        {
-            "promoted": 1.0 if out.promoted else 0.0,
-            "challenger_accuracy": out.challenger_accuracy,
-            "champion_accuracy": out.champion_accuracy,  # None (no champion yet) is left out
-            "version": int(out.version),
-        },
-    )
-
-
-COMPONENT_FUNCTIONS: tuple[Callable[..., Any], ...] = (
-    ingest,
-    validate,
-    preprocess,
-    train,
-    evaluate,
-    export,
-    register,
-    promote,
-)
+def component_function(step: dataflow.Step, declared: tuple[dataflow.Step, ...]) -> Callable[..., Any]:
+    """The component's function, compiled from ``component_source`` so that KFP can read (and ship) its source."""
+    source = component_source(step, declared)
+    filename = f"<visionloop component {step.name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    namespace: dict[str, Any] = {"dsl": dsl, "NamedTuple": NamedTuple}
+    exec(compile(source, filename, "exec"), namespace)
+    return namespace[step.name]
 
 
 # ---------------------------------------------------------------- the pipeline
 
 
-def build_pipeline(image: str = DEFAULT_IMAGE) -> Any:
+def build_pipeline(image: str = DEFAULT_IMAGE, declared: tuple[dataflow.Step, ...] | None = None) -> Any:
     """The KFP pipeline, with every component running in ``image`` (which must contain visionloop).
 
     The image is the one setting fixed at compile time: a component's ``base_image`` is part of its spec.
     """
     if not image or any(c.isspace() for c in image):
         raise ConfigError(f"invalid container image {image!r}")
+    declared = declared or dataflow.STEPS
     make = dsl.component(base_image=image, install_kfp_package=False)
-    c = {fn.__name__: make(fn) for fn in COMPONENT_FUNCTIONS}
-
-    class Outputs(NamedTuple):
-        metrics: dsl.Metrics
-        gate: dsl.Metrics
+    components = {step.name: make(component_function(step, declared)) for step in declared}
+    metric_outputs = [(s.name, s.kfp.metrics) for s in declared if s.kfp.metrics]
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -435,32 +304,28 @@ def build_pipeline(image: str = DEFAULT_IMAGE) -> Any:
         cpu: str = "2",
         memory: str = "8Gi",
         gpus: str = "0",
-    ) -> Outputs:
-        def limited(task: Any) -> Any:
-            return task.set_cpu_limit(cpu).set_memory_limit(memory).set_caching_options(False)
-
-        mlflow = {"settings_json": settings_json, "tracking_uri": tracking_uri}
-        ingested = limited(c["ingest"](settings_json=settings_json))
-        validated = limited(c["validate"](settings_json=settings_json, raw=ingested.outputs["raw"]))
-        prepared = limited(
-            c["preprocess"](
-                settings_json=settings_json, raw=ingested.outputs["raw"], report=validated.outputs["report"]
-            )
-        )
-        dataset = prepared.outputs["dataset"]
-        trained = limited(c["train"](**mlflow, dataset=dataset))
-        trained.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
-        run_id = trained.outputs["run_id"]
-        model = trained.outputs["model"]
-        evaluated = limited(c["evaluate"](**mlflow, run_id=run_id, model=model, dataset=dataset))
-        exported = limited(
-            c["export"](**mlflow, run_id=run_id, model=model, dataset=dataset, metrics=evaluated.outputs["metrics"])
-        )
-        registered = limited(c["register"](**mlflow, run_id=run_id, onnx_model=exported.outputs["onnx_model"]))
-        promoted = limited(
-            c["promote"](**mlflow, run_id=run_id, version=registered.outputs["version"], dataset=dataset)
-        )
-        return Outputs(metrics=evaluated.outputs["metrics"], gate=promoted.outputs["gate"])
+    ) -> NamedTuple("Outputs", [(name, dsl.Metrics) for _, name in metric_outputs]):  # type: ignore[misc]
+        tasks: dict[str, Any] = {}
+        for step in declared:
+            artifacts, parameters = _wires(step, declared)
+            kwargs: dict[str, Any] = {"settings_json": settings_json}
+            if step.in_run:
+                kwargs["tracking_uri"] = tracking_uri
+            for dotted in parameters:
+                up, field_name = dotted.split(".")
+                kwargs[field_name] = tasks[up].outputs[field_name]
+            for up in artifacts:
+                name = (dataflow.step_named(up, declared).kfp.artifact or (up,))[0]
+                kwargs[name] = tasks[up].outputs[name]
+            task = components[step.name](**kwargs)
+            task.set_cpu_limit(cpu).set_memory_limit(memory).set_caching_options(False)
+            if step.kfp.gpu:
+                task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
+            if tasks:  # the declared order, also where no artifact says so
+                task.after(list(tasks.values())[-1])
+            tasks[step.name] = task
+        outputs = NamedTuple("Outputs", [(name, dsl.Metrics) for _, name in metric_outputs])  # type: ignore[misc]
+        return outputs(*(tasks[step].outputs[name] for step, name in metric_outputs))
 
     return visionloop_pipeline
 

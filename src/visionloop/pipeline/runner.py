@@ -1,19 +1,30 @@
-"""The local runner: the steps in order, in this process, timed, with their outputs handed along and cached."""
+"""The local runner: a loop over the declared steps (``dataflow.STEPS``), in this process, timed,
+with their outputs handed along, recorded under ``<home>/latest/`` and cached.
+
+``run_steps`` runs any range of the steps; the inputs of the first ones come from the outputs the
+earlier steps last recorded, which is how ``visionloop run --from train`` and each stage command
+(a range of one step) pick up where the last command left off.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from visionloop.config import Settings
-from visionloop.pipeline import steps
-from visionloop.pipeline.cache import StepCache, folder_fingerprint
+from visionloop.pipeline import dataflow, steps
+from visionloop.pipeline.cache import StepCache
 
 # (stage name, seconds, its output, whether the output was reused from the cache)
 StageCallback = Callable[[str, float, Any, bool], None]
+# a step's own way to produce its output instead of ``dataflow.execute`` (the DDP launcher for train):
+# called with the step, its arguments and finish_run
+Executor = Callable[[dataflow.Step, dict[str, Any], bool], BaseModel]
 
 
 @dataclass
@@ -42,125 +53,127 @@ class RunSummary:
         return asdict(self)
 
 
-def run_pipeline(
-    settings: Settings, show_progress: bool = True, on_stage: StageCallback | None = None, use_cache: bool = True
-) -> RunSummary:
-    """ingest → validate → preprocess → train → evaluate → export → register → promote.
+@dataclass
+class StepsRun:
+    outputs: dict[str, BaseModel]  # every output the range used or made, by step name
+    ran: list[str]  # the steps of the range, in order
+    seconds: dict[str, float]
+    cached: list[str]
+    total_seconds: float
 
-    Steps whose inputs, parameters and code are unchanged since a successful earlier run are not run
-    again: their recorded outputs are reused (see ``pipeline/cache.py``), so an unchanged second run
-    trains and registers nothing. ``use_cache=False`` runs every step (and refreshes the cache).
-    Ingest always runs: it is what notices that the data changed.
+
+def cache_key(
+    cache: StepCache, step: dataflow.Step, outputs: Mapping[str, BaseModel], settings: Settings, args: dict[str, Any]
+) -> str:
+    """A step's inputs, the settings it reads and the code: its upstream outputs as JSON, the settings
+    it declares, and whatever content its declaration adds (the ingested folder, the report's bytes)."""
+    upstream = [[name, steps.as_json(outputs[name])] for name in step.upstream()]
+    declared = {name: dataflow.setting_value(settings, name) for name in step.settings}
+    extra = step.content(args) if step.content is not None else None
+    return cache.key(step.name, upstream, declared, extra)
+
+
+def run_steps(
+    settings: Settings,
+    first: str | None = None,
+    last: str | None = None,
+    *,
+    show_progress: bool = True,
+    on_stage: StageCallback | None = None,
+    use_cache: bool = True,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    executors: Mapping[str, Executor] | None = None,
+    declared: tuple[dataflow.Step, ...] | None = None,
+) -> StepsRun:
+    """Run the steps ``first`` … ``last`` of the declaration in order.
+
+    A cached step whose inputs, settings and code are unchanged since a successful earlier run is not
+    run again: its recorded output is reused (``pipeline/cache.py``). ``overrides`` replaces some of a
+    step's arguments (``promote --version``); ``executors`` runs a step another way (DDP training).
     """
+    declared = declared or dataflow.STEPS
+    selected = dataflow.step_range(first, last, declared)
+    names = [s.name for s in selected]
+    outputs: dict[str, BaseModel] = {}
+    overrides = overrides or {}
+    for step in selected:  # what the range needs from before it: the outputs last recorded
+        for parameter, wire in step.wiring.items():
+            given = parameter in overrides.get(step.name, {})
+            if isinstance(wire, dataflow.From) and not given and wire.step not in names and wire.step not in outputs:
+                upstream = dataflow.step_named(wire.step, declared)
+                outputs[wire.step] = steps.latest(settings.home, wire.step, upstream.output)
+    cache = StepCache(settings.home, enabled=use_cache)
+    in_run = [s.name for s in selected if s.in_run]
+    seconds: dict[str, float] = {}
+    cached: list[str] = []
+    open_run: str | None = None  # a run a step left RUNNING for the next one
+    started = time.perf_counter()
+    try:
+        for step in selected:
+            t0 = time.perf_counter()
+            given = overrides.get(step.name, {})
+            args = dataflow.call_args(step, outputs, settings, dataflow.work_dir_of(outputs), given)
+            # a step given arguments by hand (promote --version, train --resume) is neither reused nor cached
+            key = cache_key(cache, step, outputs, settings, args) if step.cached and not given else None
+            hit = cache.lookup(step.name, key) if key is not None else None
+            out = steps.from_json(step.output, hit.output) if hit is not None else None
+            if out is not None and (step.still_valid is None or step.still_valid(settings, out)):
+                cached.append(step.name)
+            else:
+                finish = not in_run or step.name == in_run[-1]
+                custom = (executors or {}).get(step.name)
+                if custom is not None:
+                    out = custom(step, args, finish)
+                else:
+                    out = dataflow.execute(step, args, settings, show_progress=show_progress, finish_run=finish)
+                if step.in_run:
+                    open_run = None if finish else getattr(out, "run_id", args.get("run_id"))
+                if key is not None:
+                    cache.store(step.name, key, steps.as_json(out), step.file_paths(out))
+            outputs[step.name] = out
+            seconds[step.name] = time.perf_counter() - t0
+            steps.record(settings.home, step.name, out)
+            if on_stage is not None:
+                on_stage(step.name, seconds[step.name], out, step.name in cached)
+    except BaseException:
+        if open_run is not None:  # failed between two steps of the run: it is not left RUNNING
+            with steps.run_status(open_run):
+                raise
+        raise
+    return StepsRun(outputs, names, seconds, cached, time.perf_counter() - started)
+
+
+def run_pipeline(
+    settings: Settings,
+    show_progress: bool = True,
+    on_stage: StageCallback | None = None,
+    use_cache: bool = True,
+    executors: Mapping[str, Executor] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> RunSummary:
+    """ingest → validate → preprocess → train → evaluate → export → register → promote, summarised.
+
+    Run it twice on the same data and the second run trains and registers nothing; ``use_cache=False``
+    runs every step (and refreshes the cache). Ingest always runs: it is what notices that the data changed.
+    """
+    done = run_steps(
+        settings,
+        show_progress=show_progress,
+        on_stage=on_stage,
+        use_cache=use_cache,
+        executors=executors,
+        overrides=overrides,
+    )
+    return summarize(settings, done)
+
+
+def summarize(settings: Settings, done: StepsRun) -> RunSummary:
     from visionloop import registry
 
-    cache = StepCache(settings.home, enabled=use_cache)
-    timings: dict[str, float] = {}
-    cached: list[str] = []
-    started = time.perf_counter()
-
-    def stage(
-        name: str,
-        run: Callable[[], Any],
-        cls: type | None = None,
-        key: str | None = None,
-        files: Callable[[Any], list[Path]] = lambda _out: [],
-        still_valid: Callable[[Any], bool] = lambda _out: True,
-    ) -> Any:
-        t0 = time.perf_counter()
-        hit = cache.lookup(name, key) if key is not None else None
-        out = steps.from_json(cls, hit.output) if hit is not None and cls is not None else None
-        if out is not None and still_valid(out):
-            cached.append(name)
-        else:
-            out = run()
-            if key is not None:
-                cache.store(name, key, steps.as_json(out), files(out))
-        timings[name] = time.perf_counter() - t0
-        steps.record(settings.home, name, out)
-        if on_stage is not None:
-            on_stage(name, timings[name], out, name in cached)
-        return out
-
-    ingested = stage("ingest", lambda: steps.ingest_step(settings))
-    validate_key = cache.key("validate", folder_fingerprint(ingested.root), settings.validation.model_dump())
-    validated = stage(
-        "validate",
-        lambda: steps.validate_step(ingested, settings, show_progress=show_progress),
-        steps.ValidateOutput,
-        validate_key,
-        files=lambda out: [out.report_path],
-    )
-    data = settings.data.model_dump(include={"image_size", "channels", "val_fraction", "test_fraction", "split_seed"})
-    preprocess_key = cache.key("preprocess", steps.as_json(validated), data, ingested.source, ingested.hflip_ok)
-    prepared = stage(
-        "preprocess",
-        lambda: steps.preprocess_step(validated.report_path, ingested, settings, show_progress=show_progress),
-        steps.PreprocessOutput,
-        preprocess_key,
-        files=lambda out: [out.dataset_dir / "data.npz", out.dataset_dir / "manifest.json"],
-    )
-    store = (settings.tracking_uri, settings.registry.experiment)
-    train_key = cache.key("train", prepared.dataset_version, settings.train.model_dump(), settings.data.hflip, store)
-    trained = stage(
-        "train",
-        lambda: steps.train_step(
-            prepared.dataset_dir, settings, steps.new_work_dir(settings.home), show_progress=show_progress
-        ),
-        steps.TrainOutput,
-        train_key,
-        files=lambda out: [out.model_path],
-    )
-    work_dir = trained.work_dir
-    try:
-        # a step's key holds its inputs' outputs: a step that ran again (new MLflow run, new model) changes them
-        evaluate_key = cache.key("evaluate", steps.as_json(trained))
-        evaluated = stage(
-            "evaluate",
-            lambda: steps.evaluate_step(
-                trained.model_path, prepared.dataset_dir, trained.run_id, settings, work_dir / "evaluation"
-            ),
-            steps.EvaluateOutput,
-            evaluate_key,
-            files=lambda out: [out.metrics_path],
-        )
-        export_key = cache.key("export", steps.as_json(evaluated), train_key, settings.gate.parity_tolerance)
-        exported = stage(
-            "export",
-            lambda: steps.export_step(
-                trained.model_path, prepared.dataset_dir, evaluated.metrics, settings, work_dir / "export"
-            ),
-            steps.ExportOutput,
-            export_key,
-            files=lambda out: [out.export_dir / "model.onnx", out.export_dir / "model_card.json"],
-        )
-        register_key = cache.key(
-            "register", steps.as_json(exported), trained.run_id, store, settings.registry.model_name
-        )
-        registered = stage(
-            "register",
-            lambda: steps.register_step(exported.export_dir, trained.run_id, settings),
-            steps.RegisterOutput,
-            register_key,
-            # the registry is outside the cache: the version must still be there
-            still_valid=lambda out: registry.resolve(settings, out.version) == out.version,
-        )
-        promoted = stage(
-            "promote",
-            lambda: steps.promote_step(registered.version, prepared.dataset_dir, settings),
-            steps.PromoteOutput,
-            cache.key("promote", steps.as_json(registered), settings.gate.model_dump()),
-            # the decision stands while the champion is still what it left behind (no rollback since)
-            still_valid=lambda out: (
-                registry.resolve(settings, registry.CHAMPION) == (out.version if out.promoted else out.champion_version)
-            ),
-        )
-    except BaseException:
-        if "train" not in cached:  # a reused run finished long ago; it is not this run's to fail
-            registry.set_run_status(trained.run_id, "FAILED")
-        raise
-    if "train" not in cached:
-        registry.set_run_status(trained.run_id, "FINISHED")
+    out = done.outputs
+    ingested, prepared, trained = out["ingest"], out["preprocess"], out["train"]
+    evaluated, registered, promoted = out["evaluate"], out["register"], out["promote"]
+    assert isinstance(trained, steps.TrainOutput) and isinstance(promoted, steps.PromoteOutput)
     return RunSummary(
         dataset_version=prepared.dataset_version,
         source=ingested.source,
@@ -177,8 +190,8 @@ def run_pipeline(
         gate_reasons=promoted.reasons,
         champion_version=registry.alias_version(settings, registry.CHAMPION),
         run_id=trained.run_id,
-        work_dir=str(work_dir),
-        stage_seconds={k: round(v, 3) for k, v in timings.items()},
-        total_seconds=round(time.perf_counter() - started, 3),
-        cached_steps=cached,
+        work_dir=str(Path(trained.work_dir)),
+        stage_seconds={k: round(v, 3) for k, v in done.seconds.items()},
+        total_seconds=round(done.total_seconds, 3),
+        cached_steps=done.cached,
     )

@@ -1,8 +1,10 @@
 """The pipeline's steps: plain functions with typed inputs (paths, small values) and typed outputs.
 
-The CLI sub-commands, the local runner and the tests call exactly these functions; nothing here
-knows who called it. Each output is a dataclass that turns into JSON, so a later step (or a later
-command) can pick it up from ``<home>/latest/<step>.json``.
+The stage commands, the local runner, the Kubeflow components and the tests call exactly these
+functions; nothing here knows who called it. Which step feeds which, and everything else about
+running them, is declared once in ``pipeline/dataflow.py``. Each output is a pydantic model, so there
+is one serialiser for all of them (``as_json`` / ``from_json``), and a later step or a later command
+picks it up from ``<home>/latest/<step>.json``.
 """
 
 from __future__ import annotations
@@ -10,32 +12,30 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import secrets
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from visionloop.config import Settings
 from visionloop.data.preprocess import PreprocessParams, load_dataset, load_manifest, preprocess
 from visionloop.data.sources import IngestResult, ingest
 from visionloop.data.synthetic import SyntheticSpec
 from visionloop.data.validate import ValidationReport, load_report, validate, write_report
-from visionloop.errors import DataError, VisionloopError
+from visionloop.errors import DataError, RegistryError, VisionloopError
 from visionloop.fsutil import atomic_write_json, read_json
 from visionloop.registry import GateDecision
 
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    return obj
+Output = TypeVar("Output", bound=BaseModel)
 
 
-@dataclass
-class ValidateOutput:
+class StepOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ValidateOutput(StepOutput):
     report_path: Path
     passed: bool
     usable: int
@@ -45,8 +45,7 @@ class ValidateOutput:
     warnings: list[str]
 
 
-@dataclass
-class PreprocessOutput:
+class PreprocessOutput(StepOutput):
     dataset_dir: Path
     dataset_version: str
     image_size: int
@@ -55,12 +54,11 @@ class PreprocessOutput:
     hflip_ok: bool
 
 
-@dataclass
-class TrainOutput:
+class TrainOutput(StepOutput):
     model_path: Path
     run_id: str
     work_dir: Path
-    dataset_dir: Path
+    dataset_dir: Path  # the input, handed on: evaluate, export and promote use the data the model was trained on
     device: str
     epochs_run: int
     best_epoch: int
@@ -70,48 +68,49 @@ class TrainOutput:
     resumed_from_epoch: int | None
 
 
-@dataclass
-class EvaluateOutput:
+class EvaluateOutput(StepOutput):
     metrics_path: Path
     test_accuracy: float
     baseline_name: str
     baseline_accuracy: float
     macro_f1: float
     ece: float
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
 
 
-@dataclass
-class ExportOutput:
+class ExportOutput(StepOutput):
     export_dir: Path
     max_abs_diff: float
     parity_images: int
 
 
-@dataclass
-class RegisterOutput:
+class RegisterOutput(StepOutput):
     model_name: str
     version: str
     model_uri: str
     run_id: str
 
 
-@dataclass
-class PromoteOutput(GateDecision):
+class PromoteOutput(GateDecision, StepOutput):
     """The gate's decision, plus the aliases the judged version holds afterwards."""
 
     model_name: str = ""
-    aliases: list[str] = field(default_factory=list)
+    aliases: list[str] = Field(default_factory=list)
 
 
 # ---------------------------------------------------------------- hand-over between commands
 
 
-def as_json(output: Any) -> dict[str, Any]:
-    return _jsonable(asdict(output))
+def as_json(output: BaseModel) -> dict[str, Any]:
+    return output.model_dump(mode="json")
 
 
-def record(home: Path, step: str, output: Any) -> None:
+def from_json(cls: type[Output], data: dict[str, Any]) -> Output:
+    """Rebuild a step output written by ``as_json`` (paths become Paths again)."""
+    return cls.model_validate(data)
+
+
+def record(home: Path, step: str, output: BaseModel) -> None:
     atomic_write_json(home / "latest" / f"{step}.json", as_json(output))
 
 
@@ -127,13 +126,7 @@ def latest_raw(home: Path, step: str) -> dict[str, Any]:
     return read_json(path)
 
 
-def from_json(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a step output written by ``as_json`` (paths become Paths again)."""
-    hints = cls.__annotations__
-    return cls(**{k: Path(v) if "Path" in str(hints.get(k, "")) and v is not None else v for k, v in data.items()})
-
-
-def latest(home: Path, step: str, cls: type) -> Any:
+def latest(home: Path, step: str, cls: type[Output]) -> Output:
     return from_json(cls, latest_raw(home, step))
 
 
@@ -142,6 +135,35 @@ def new_work_dir(home: Path) -> Path:
     path = home / "runs" / f"{stamp}-{secrets.token_hex(3)}"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def run_status(run_id: str, finish: bool = True) -> Iterator[None]:
+    """The one owner of an MLflow run's status around work done in it.
+
+    An error marks the run FAILED, Ctrl-C or SIGTERM (KeyboardInterrupt) KILLED; success marks it
+    FINISHED unless ``finish`` is False (a runner that goes on to the next step in the same run).
+    Whatever ran first in the run — a stage command, ``visionloop run``, a KFP component, rank 0 under
+    torchrun — the run never stays RUNNING once the process has stopped working in it.
+    """
+    from visionloop import registry
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        _set_status_quietly(registry, run_id, "KILLED")  # `train --resume` sets it RUNNING again
+        raise
+    except BaseException:
+        _set_status_quietly(registry, run_id, "FAILED")
+        raise
+    if finish:
+        registry.set_run_status(run_id, "FINISHED")
+
+
+def _set_status_quietly(registry: Any, run_id: str, status: str) -> None:
+    # the store may be what failed: the step's own error is the one to report
+    with suppress(Exception):
+        registry.set_run_status(run_id, status)
 
 
 # ---------------------------------------------------------------- the steps
@@ -163,24 +185,26 @@ def validate_step(ingested: IngestResult, settings: Settings, show_progress: boo
     report = validate(ingested.root, settings.validation, show_progress=show_progress)
     key = hashlib.sha256(str(ingested.root).encode()).hexdigest()[:12]
     report_path = write_report(report, settings.home / "reports" / key)
-    out = ValidateOutput(
-        report_path,
-        report.passed,
-        len(report.files),
-        len(report.bad_files),
-        report.classes,
-        report.errors,
-        report.warnings,
-    )
     if not report.passed:
         raise DataError(f"validation failed: {'; '.join(report.errors)} (report: {report_path.parent / 'report.md'})")
-    return out
+    return ValidateOutput(
+        report_path=report_path,
+        passed=report.passed,
+        usable=len(report.files),
+        bad=len(report.bad_files),
+        classes=report.classes,
+        errors=report.errors,
+        warnings=report.warnings,
+    )
 
 
 def preprocess_step(
     report_path: Path, ingested: IngestResult, settings: Settings, show_progress: bool = False
 ) -> PreprocessOutput:
     report: ValidationReport = load_report(report_path)
+    # the images are where ingest put them in this process (a Kubeflow pod has its own copy), not
+    # necessarily where the report was written
+    report.root = str(ingested.root)
     params = PreprocessParams(
         image_size=settings.data.image_size,
         channels=settings.data.channels,
@@ -198,20 +222,32 @@ def preprocess_step(
     )
     manifest = load_manifest(folder)
     counts = {split: sum(per_class.values()) for split, per_class in manifest.counts.items()}
-    return PreprocessOutput(folder, manifest.version, manifest.image_size, manifest.channels, counts, manifest.hflip_ok)
+    return PreprocessOutput(
+        dataset_dir=folder,
+        dataset_version=manifest.version,
+        image_size=manifest.image_size,
+        channels=manifest.channels,
+        counts=counts,
+        hflip_ok=manifest.hflip_ok,
+    )
 
 
 def train_step(
     dataset_dir: Path,
     settings: Settings,
-    work_dir: Path,
+    work_dir: Path | None = None,
     resume_run_id: str | None = None,
     show_progress: bool = True,
+    finish_run: bool = True,
 ) -> TrainOutput:
-    """Train with MLflow tracking; ``resume_run_id`` continues an interrupted run from its checkpoint."""
+    """Train with MLflow tracking; ``resume_run_id`` continues an interrupted run from its checkpoint.
+
+    The run ends FINISHED (or stays RUNNING with ``finish_run=False``, for the steps that log into it
+    next), FAILED on an error and KILLED on an interrupt: see ``run_status``."""
     from visionloop import registry
     from visionloop.training.train import train
 
+    work_dir = work_dir or new_work_dir(settings.home)
     dataset = load_dataset(dataset_dir)
     manifest = dataset.manifest
     if resume_run_id is None:
@@ -220,22 +256,6 @@ def train_step(
             run_name=work_dir.name,
             tags={"dataset_version": manifest.version, "visionloop.work_dir": str(work_dir)},
         )
-        flat = {
-            f"{group}.{k}": v
-            for group in ("data", "train", "gate")
-            for k, v in getattr(settings, group).model_dump().items()
-        }
-        registry.log_params(
-            run_id,
-            {
-                **flat,
-                "dataset_version": manifest.version,
-                "image_size": manifest.image_size,
-                "channels": manifest.channels,
-            },
-        )
-        images, labels = dataset.part("train")
-        registry.log_dataset_input(run_id, images, labels, manifest.version, manifest.source)
     else:
         registry.connect(settings)
         run_id = resume_run_id
@@ -244,12 +264,22 @@ def train_step(
         settings.home / "latest" / "train_started.json",
         {"run_id": run_id, "work_dir": str(work_dir), "dataset_dir": str(dataset_dir)},
     )
-
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        registry.log_metrics(run_id, metrics, step=epoch)
-
     hflip = manifest.hflip_ok if settings.data.hflip is None else settings.data.hflip
-    try:
+    with run_status(run_id, finish=finish_run):
+        if resume_run_id is None:
+            flat = {
+                f"{group}.{k}": v
+                for group in ("data", "train", "gate")
+                for k, v in getattr(settings, group).model_dump().items()
+            }
+            extra = {"dataset_version": manifest.version, "image_size": manifest.image_size}
+            registry.log_params(run_id, {**flat, **extra, "channels": manifest.channels})
+            images, labels = dataset.part("train")
+            registry.log_dataset_input(run_id, images, labels, manifest.version, manifest.source)
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            registry.log_metrics(run_id, metrics, step=epoch)
+
         result = train(
             dataset,
             work_dir / "train",
@@ -259,40 +289,34 @@ def train_step(
             on_epoch=on_epoch,
             show_progress=show_progress,
         )
-    except KeyboardInterrupt:
-        registry.set_run_status(run_id, "KILLED")  # `train --resume` sets it RUNNING again
-        raise
-    except BaseException:
-        registry.set_run_status(run_id, "FAILED")
-        raise
-    if resume_run_id is None:
-        registry.log_params(
+        if resume_run_id is None:
+            registry.log_params(
+                run_id,
+                {
+                    "model.width": result.spec.width,
+                    "model.depth": result.spec.depth,
+                    "model.parameters": result.parameters,
+                    "device": result.device,
+                    "hflip": hflip,
+                },
+            )
+        registry.log_metrics(
             run_id,
             {
-                "model.width": result.spec.width,
-                "model.depth": result.spec.depth,
-                "model.parameters": result.parameters,
-                "device": result.device,
-                "hflip": hflip,
+                "best_val_accuracy": result.best_val_accuracy,
+                "best_epoch": result.best_epoch,
+                "train_images_per_second": result.images_per_second,
+                "softmax_temperature": result.temperature,
             },
         )
-    registry.log_metrics(
-        run_id,
-        {
-            "best_val_accuracy": result.best_val_accuracy,
-            "best_epoch": result.best_epoch,
-            "train_images_per_second": result.images_per_second,
-            "softmax_temperature": result.temperature,
-        },
-    )
-    from visionloop.training.evaluate import plot_history
+        from visionloop.training.evaluate import plot_history
 
-    curves = work_dir / "train" / "training_curves.png"
-    plot_history(result.history, curves)
-    atomic_write_json(work_dir / "train" / "history.json", result.history)
-    # checkpoints stay on disk; the weights travel with the registered model
-    registry.log_artifact(run_id, curves, "training")
-    registry.log_artifact(run_id, work_dir / "train" / "history.json", "training")
+        curves = work_dir / "train" / "training_curves.png"
+        plot_history(result.history, curves)
+        atomic_write_json(work_dir / "train" / "history.json", result.history)
+        # checkpoints stay on disk; the weights travel with the registered model
+        registry.log_artifact(run_id, curves, "training")
+        registry.log_artifact(run_id, work_dir / "train" / "history.json", "training")
     return TrainOutput(
         model_path=result.model_path,
         run_id=run_id,
@@ -306,6 +330,15 @@ def train_step(
         parameters=result.parameters,
         resumed_from_epoch=result.resumed_from_epoch,
     )
+
+
+def train_untracked(settings: Settings, dataset_dir: Path, work_dir: Path, resume: bool) -> None:
+    """DDP ranks other than 0: the same train() call as ``train_step`` makes, without MLflow or files."""
+    from visionloop.training.train import train
+
+    dataset = load_dataset(dataset_dir)
+    hflip = dataset.manifest.hflip_ok if settings.data.hflip is None else settings.data.hflip  # as train_step
+    train(dataset, work_dir / "train", settings.train, hflip=hflip, resume=resume, show_progress=False)
 
 
 def evaluate_step(
@@ -326,13 +359,13 @@ def evaluate_step(
     registry.log_metrics(run_id, report.metrics())
     registry.log_artifacts(run_id, out_dir, "evaluation")
     return EvaluateOutput(
-        out_dir / "metrics.json",
-        report.accuracy,
-        report.baseline_name,
-        report.baseline_accuracy,
-        report.macro_f1,
-        report.ece,
-        report.metrics(),
+        metrics_path=out_dir / "metrics.json",
+        test_accuracy=report.accuracy,
+        baseline_name=report.baseline_name,
+        baseline_accuracy=report.baseline_accuracy,
+        macro_f1=report.macro_f1,
+        ece=report.ece,
+        metrics=report.metrics(),
     )
 
 
@@ -350,7 +383,7 @@ def export_step(
         metrics=metrics,
         train_config=settings.train.model_dump(),
     )
-    return ExportOutput(out_dir, result.max_abs_diff, result.parity_images)
+    return ExportOutput(export_dir=out_dir, max_abs_diff=result.max_abs_diff, parity_images=result.parity_images)
 
 
 def register_step(export_dir: Path, run_id: str, settings: Settings) -> RegisterOutput:
@@ -367,13 +400,37 @@ def register_step(export_dir: Path, run_id: str, settings: Settings) -> Register
     registry.connect(settings)
     registry.log_metrics(run_id, {"onnx_parity_max_abs_diff": card["onnx"]["parity_max_abs_diff"]})
     out = registry.register_onnx(settings, run_id, export_dir, card, tags)
-    return RegisterOutput(out.name, out.version, out.model_uri, out.run_id)
+    return RegisterOutput(model_name=out.name, version=out.version, model_uri=out.model_uri, run_id=out.run_id)
+
+
+def trained_dataset(settings: Settings, version: str) -> Path:
+    """The dataset folder registered ``version`` was trained and evaluated on (by its dataset_version tag)."""
+    from visionloop import registry
+
+    dataset_version = registry.dataset_version_of(settings, version)
+    if not dataset_version:
+        raise RegistryError(f"{settings.registry.model_name} v{version} has no dataset_version tag")
+    folder = settings.home / "datasets" / dataset_version
+    if not (folder / "manifest.json").is_file():
+        raise DataError(
+            f"v{version} was trained on dataset {dataset_version}, which is not under {settings.home / 'datasets'}: "
+            "promote it from the home that trained it, or preprocess the same data with the same settings there"
+        )
+    return folder
 
 
 def promote_step(version: str, dataset_dir: Path, settings: Settings) -> PromoteOutput:
+    """The gate, scoring challenger and champion on ``dataset_dir``: the data the challenger was trained
+    and evaluated on (anything else is refused, so two commands cannot judge on different test sets)."""
     from visionloop import registry
 
     dataset = load_dataset(dataset_dir)
+    trained_on = registry.dataset_version_of(settings, version)
+    if trained_on and trained_on != dataset.manifest.version:
+        raise DataError(
+            f"v{version} was trained and evaluated on dataset {trained_on}, not {dataset.manifest.version}: "
+            "the gate scores on the challenger's own test split"
+        )
     x_test, y_test = dataset.part("test")
     decision = registry.promote_if_better(settings, version, x_test, y_test)
     aliases = registry.aliases_of(settings, version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,7 +47,7 @@ ARTIFACTS = {
         set(),
     ),
     "export": (
-        {"model": "system.Model", "dataset": "system.Dataset", "metrics": "system.Metrics"},
+        {"model": "system.Model", "dataset": "system.Dataset", "evaluation": "system.Artifact"},
         {"onnx_model": "system.Model"},
         set(),
     ),
@@ -111,9 +112,9 @@ def test_pipeline_runs_the_eight_steps_in_order(compiled: dict[str, Any]) -> Non
         assert before in tasks[step].get("dependentTasks", []), f"{step} does not wait for {before}"
     assert "dependentTasks" not in tasks["ingest"]
     for step in kubeflow.STEPS:
-        # the component calls the step function the CLI and the local runner call
+        # the component calls, by name, the declared step the CLI and the local runner call
         code = executor(compiled, step)["command"]  # sh -ec 'python3 -m kfp.dsl.executor_main ...' <source>
-        assert any(f"steps.{step}_step(" in part for part in code), f"{step} does not call steps.{step}_step"
+        assert any(f"kubeflow.run_step('{step}'" in part for part in code), f"{step} does not run step {step}"
         assert tasks[step]["cachingOptions"] == {}, f"{step} may be served from KFP's cache"
 
 
@@ -137,7 +138,7 @@ def test_run_id_and_version_travel_as_parameters(compiled: dict[str, Any]) -> No
         assert source == {"outputParameterKey": "run_id", "producerTask": "train"}
     version = tasks["promote"]["inputs"]["parameters"]["version"]["taskOutputParameter"]
     assert version == {"outputParameterKey": "version", "producerTask": "register"}
-    assert tasks["export"]["inputs"]["artifacts"]["metrics"]["taskOutputArtifact"]["producerTask"] == "evaluate"
+    assert tasks["export"]["inputs"]["artifacts"]["evaluation"]["taskOutputArtifact"]["producerTask"] == "evaluate"
     outputs = compiled["root"]["outputDefinitions"]["artifacts"]
     assert {k: v["artifactType"]["schemaTitle"] for k, v in outputs.items()} == {
         "metrics": "system.Metrics",
@@ -234,12 +235,44 @@ def test_mlflow_steps_need_a_store_every_pod_can_reach(tmp_path: Path, monkeypat
     kubeflow.component_settings("{}", tmp_path, "", needs_mlflow=True)
 
 
-def test_relocated_report_points_at_this_pods_copy_of_the_images(tmp_path: Path) -> None:
-    (tmp_path / "report").mkdir()
-    (tmp_path / "report" / "report.json").write_text(json.dumps({"root": "/validate-pod/raw", "files": []}))
-    path = kubeflow.relocated_report(str(tmp_path / "report"), "/preprocess-pod/raw", tmp_path / "scratch")
-    assert json.loads(path.read_text())["root"] == "/preprocess-pod/raw"
-    assert json.loads((tmp_path / "report" / "report.json").read_text())["root"] == "/validate-pod/raw"
+@dataclass
+class FakeArtifact:
+    """What KFP hands a component: a folder path and a metadata dict (kfp.dsl.Artifact's two fields)."""
+
+    path: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def test_an_output_packed_in_one_pod_points_at_the_next_pods_copy(tmp_path: Path) -> None:
+    from visionloop.pipeline import dataflow, steps
+
+    work = tmp_path / "train-pod" / "run"
+    (work / "train").mkdir(parents=True)
+    (work / "train" / "model.pt").write_bytes(b"weights")
+    out = steps.TrainOutput(
+        model_path=work / "train" / "model.pt",
+        run_id="r1",
+        work_dir=work,
+        dataset_dir=tmp_path / "train-pod" / "dataset",  # handed on from preprocess: not packed
+        device="cpu",
+        epochs_run=1,
+        best_epoch=1,
+        best_val_accuracy=0.5,
+        images_per_second=1.0,
+        parameters=10,
+        resumed_from_epoch=None,
+    )
+    train = dataflow.step_named("train")
+    packed = FakeArtifact(str(tmp_path / "artifact"))
+    kubeflow.pack(train, out, packed)
+    assert packed.metadata["best_val_accuracy"] == 0.5  # numbers show in the KFP UI
+    # the artifact as the evaluate pod sees it: somewhere else
+    moved = tmp_path / "evaluate-pod" / "model"
+    shutil.move(tmp_path / "artifact", moved)
+    back = kubeflow.unpack(train, FakeArtifact(str(moved), packed.metadata))
+    assert back.model_path == moved / "train" / "model.pt" and back.model_path.read_bytes() == b"weights"
+    assert back.work_dir == moved and back.run_id == "r1"
+    assert sorted(p.name for p in moved.iterdir()) == ["train"]  # the dataset is preprocess's artifact
 
 
 def test_numbers_keeps_finite_numbers_only() -> None:

@@ -45,7 +45,8 @@ def test_first_run_fills_the_summary_and_promotes(two_runs: dict[str, Any]) -> N
     assert first.source == "synthetic"
     assert set(first.images) == {"train", "val", "test"} and sum(first.images.values()) == 90
     assert first.device == "cpu" and first.epochs_run == 2
-    assert 0.0 <= first.test_accuracy <= 1.0 and 0.0 <= first.baseline_accuracy <= 1.0
+    # measured on these 90 images: CNN 0.333 after 2 epochs (chance, 3 balanced classes), SVC 0.556
+    assert first.test_accuracy >= 1 / 3 - 1e-9 and first.baseline_accuracy >= 0.5
     assert first.baseline_name
     assert first.model_name == settings.registry.model_name
     assert first.model_version == "1"

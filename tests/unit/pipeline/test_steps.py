@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +112,8 @@ def test_model_steps_return_typed_outputs(chain: dict[str, Any]) -> None:
     evaluated = chain["evaluate"]
     assert isinstance(evaluated, steps.EvaluateOutput)
     assert evaluated.metrics_path.is_file()
-    assert 0.0 <= evaluated.test_accuracy <= 1.0 and 0.0 <= evaluated.baseline_accuracy <= 1.0
+    # measured on these 90 images: CNN 0.333 after 2 epochs (chance, 3 balanced classes), SVC 0.556
+    assert evaluated.test_accuracy >= 1 / 3 - 1e-9 and evaluated.baseline_accuracy >= 0.5
     assert evaluated.baseline_name
     assert evaluated.metrics["test_accuracy"] == evaluated.test_accuracy
     assert evaluated.metrics["baseline_test_accuracy"] == evaluated.baseline_accuracy
@@ -158,9 +158,9 @@ def test_record_and_latest_round_trip(chain: dict[str, Any], tmp_path: Path) -> 
         back = steps.latest(home, step, cls)
         assert type(back) is cls
         assert back == chain[step], step
-        for f in fields(cls):  # paths come back as paths, not strings
-            assert type(getattr(back, f.name)) is type(getattr(chain[step], f.name)), (step, f.name)
-    # ingest hands over its own dataclass, through the raw JSON
+        for name in cls.model_fields:  # paths come back as paths, not strings
+            assert type(getattr(back, name)) is type(getattr(chain[step], name)), (step, name)
+    # ingest hands over its own model, through the raw JSON
     steps.record(home, "ingest", chain["ingest"])
     assert IngestResult.from_dict(steps.latest_raw(home, "ingest")) == chain["ingest"]
 

@@ -392,8 +392,10 @@ def test_pytorchjob_manifest_has_what_the_training_operator_expects():
             "--rdzv-timeout",
         ):
             assert expected in script, (role, expected)
-        # rank 0 is on the Master: only the Master registers the model
-        assert ("visionloop register" in script) == (role == "Master")
+        # the declared steps from one command, no order written out here; rank 0 is on the Master:
+        # only the Master goes on past training to register and promote the model
+        assert "visionloop run --to " + ("promote" if role == "Master" else "train") in script, role
+        assert "visionloop register" not in script and "visionloop train" not in script
 
     settings = documents["ConfigMap"]["data"]
     batch = int(settings["VISIONLOOP_TRAIN__BATCH_SIZE"])
