@@ -140,7 +140,12 @@ def training_plan(settings: Settings, resume: bool, launch: dict[str, Any], show
     if resume:
         data, work_dir, run_id = launcher.where_to_train(settings, None, resume=True)
         overrides["train"] = {"dataset_dir": data, "work_dir": work_dir, "resume_run_id": run_id}
-    spec = launcher.Launch(launch.pop("nproc_per_node") or 1, **launch)
+    defaults = {"nproc_per_node": None, "nnodes": 1, "node_rank": None, "rdzv_endpoint": None}
+    if all(launch.get(k) == v for k, v in defaults.items()):
+        return overrides, {}  # one process, this one: no torchrun (and no torch imported to decide so)
+    from visionloop.training.distributed import Launch
+
+    spec = Launch(launch.pop("nproc_per_node") or 1, **launch)
     spec.check()
     if spec.world_size == 1 and spec.rdzv_endpoint is None:
         return overrides, {}

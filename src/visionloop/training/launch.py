@@ -20,13 +20,17 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from visionloop.config import Settings
 from visionloop.errors import Reported, VisionloopError
 from visionloop.fsutil import atomic_write_json, read_json
-from visionloop.training import distributed
-from visionloop.training.distributed import Launch
+
+if TYPE_CHECKING:
+    from visionloop.training.distributed import Launch
+
+# torch (through training/distributed.py) is imported only where processes are launched or trained:
+# where a training runs is decided from files, and `visionloop run --to preprocess` needs no torch
 
 
 def started_training(settings: Settings) -> dict[str, str]:
@@ -58,6 +62,7 @@ def unfinished_training(settings: Settings) -> bool:
 def check_world(settings: Settings, dataset_dir: Path, world_size: int) -> None:
     """Refuse a number of processes that cannot share the training data (see training/distributed.py)."""
     from visionloop.data.preprocess import load_manifest
+    from visionloop.training import distributed
 
     train_images = sum(load_manifest(dataset_dir).counts["train"].values())
     distributed.check_world(train_images, settings.train.batch_size, world_size)
@@ -74,6 +79,7 @@ def train_distributed(
     os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
     import torch
 
+    from visionloop.training import distributed
     from visionloop.training.train import pick_device
 
     del os.environ["TORCH_CPP_LOG_LEVEL"]  # the training processes log as the user asked
@@ -123,6 +129,7 @@ def worker(
 ) -> int:
     """One training process started by torchrun: rank 0 trains tracked (the train step), the others untracked."""
     from visionloop.pipeline import steps
+    from visionloop.training import distributed
     from visionloop.training.train import pick_device
 
     request = read_json(request_path)
