@@ -401,12 +401,11 @@ def execute(
     *,
     show_progress: bool = False,
     finish_run: bool = True,
-    **extra: Any,
 ) -> BaseModel:
     """Run one step with ``args`` (from ``call_args``). The one place a step's MLflow run status is owned:
     a step in the run ends it FINISHED (unless ``finish_run`` is False: more steps follow in this process),
-    FAILED on an error, KILLED on an interrupt. ``extra`` goes to the step function as it is."""
-    kwargs = {**args, **extra}
+    FAILED on an error, KILLED on an interrupt."""
+    kwargs = dict(args)
     run_id = kwargs.get("run_id") if step.in_run else None
     if not step.takes("run_id"):
         kwargs.pop("run_id", None)  # wired only so that this step's work ends the run as it should

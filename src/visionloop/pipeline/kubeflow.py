@@ -180,20 +180,20 @@ def run_step(
     with tempfile.TemporaryDirectory(prefix=f"visionloop-{name}-") as scratch:
         settings = component_settings(settings_json, Path(scratch) / "home", tracking_uri, needs_mlflow=step.in_run)
         unpacked = {up: unpack(dataflow.step_named(up, declared), art) for up, art in (inputs or {}).items()}
-        args: dict[str, Any] = {"settings": settings} if step.takes("settings") else {}
+        resolved: dict[str, Any] = {}  # each wired argument from the task that produced it
         for parameter, wire in step.wiring.items():
-            if isinstance(wire, dataflow.Scratch):
-                args[parameter] = Path(scratch) / wire.name
-                continue
-            source = dataflow.resolve(wire, declared)
-            dotted = f"{source.step}.{source.field}"
-            if parameters and dotted in parameters:
-                args[parameter] = parameters[dotted]
-            else:
-                produced = unpacked[source.step]
-                args[parameter] = produced if source.field is None else getattr(produced, source.field)
+            if isinstance(wire, dataflow.From):
+                source = dataflow.resolve(wire, declared)
+                dotted = f"{source.step}.{source.field}"
+                if parameters and dotted in parameters:
+                    resolved[parameter] = parameters[dotted]
+                else:
+                    produced = unpacked[source.step]
+                    resolved[parameter] = produced if source.field is None else getattr(produced, source.field)
         if step.takes("work_dir"):
-            args["work_dir"] = Path(scratch) / "run"
+            resolved["work_dir"] = Path(scratch) / "run"
+        # the scratch folders and the settings as the runner gives them
+        args = dataflow.call_args(step, {}, settings, Path(scratch), resolved)
         out = dataflow.execute(step, args, settings)
         if output is not None:
             pack(step, out, output)
