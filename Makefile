@@ -13,7 +13,7 @@ help:
 	@echo "make run    - install (first time), run ingest→…→promote on the built-in digits, serve the champion"
 	@echo "make serve  - serve the current champion on http://127.0.0.1:8000 (Ctrl-C stops it)"
 	@echo "make test   - install (first time), ruff, then the whole pytest suite"
-	@echo "make bench  - run the benchmarks in benchmarks/"
+	@echo "make bench  - run the benchmarks in benchmarks/ (drift.py alone takes about 11 minutes)"
 	@echo "make clean  - remove .venv and the local project data (.visionloop/)"
 
 $(STAMP): pyproject.toml constraints.txt
@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/serve.py
+	$(BIN)/python benchmarks/drift.py
 
 clean:
 	rm -rf $(VENV) .visionloop

@@ -7,12 +7,19 @@
 - ``make_image_folder``: ``make_image_folder(root=None, classes=("a", "b"), per_class=6, size=16,
   mode="RGB", seed=0) -> Path`` writes ``root/<class>/<class>_<i>.png`` with unique images and
   returns ``root`` (default: a fresh folder under ``tmp_path``).
+- ``s3_endpoint``: the URL of a real S3-compatible server on 127.0.0.1 (moto's), one per test module.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +72,40 @@ def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server on 127.0.0.1 (moto's standalone server), one per test module."""
+    server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    if server is None:
+        pytest.fail("moto_server is not installed (it comes with the dev dependencies)")
+    port = free_port()
+    process = subprocess.Popen(
+        [server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert process.poll() is None, "moto_server exited at start"
+                assert time.monotonic() < deadline, "moto_server did not listen within 60 s"
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

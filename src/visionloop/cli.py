@@ -23,6 +23,7 @@ from visionloop.config import Settings
 from visionloop.console import STATE, JsonOpt, SetOpt, console, describe, err, settings_from
 from visionloop.console import print_json as _print_json
 from visionloop.errors import Reported, VisionloopError
+from visionloop.monitoring.commands import app as monitor_app
 from visionloop.pipeline.commands import add_stage_commands, run_command
 from visionloop.pipeline.dataflow import STEPS
 
@@ -47,6 +48,7 @@ pipeline_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(monitor_app, name="monitor")
 
 ConfigOpt = Annotated[
     Path | None,

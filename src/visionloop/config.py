@@ -171,10 +171,92 @@ class ServeSettings(_Group):
         "", description="Bearer token POST /admin/reload requires; empty leaves it open (bind to 127.0.0.1 then)."
     )
     log_predictions: bool = Field(
-        True, description="Record every prediction in <home>/serving/predictions.db for monitoring."
+        True, description="Record every prediction in the prediction store (monitor.store_url) for monitoring."
     )
     drain_seconds: int = Field(
         20, ge=1, le=3600, description="On SIGTERM, how many seconds in-flight requests may take to finish."
+    )
+
+
+class MonitorSettings(_Group):
+    """The prediction store the servers write and the monitor reads, and the drift tests run on it."""
+
+    store_url: str = Field(
+        "",
+        description="Prediction store: empty is SQLite at <home>/monitoring/predictions.db; a SQLAlchemy URL "
+        "(sqlite:///path.db, postgresql://user:password@host:5432/db) names a store several servers share.",
+    )
+    store_timeout_seconds: float = Field(
+        10.0, gt=0, le=600, description="Longest wait for one answer from the prediction store."
+    )
+    max_queued_rows: int = Field(
+        100_000,
+        ge=100,
+        description="Predictions a server holds in memory while the store is slow or down; beyond it they are "
+        "dropped and counted, so the request path never waits for the database.",
+    )
+    retention_days: float = Field(
+        30.0, ge=0, description="Delete predictions (and their feedback and kept images) older than this; 0 keeps all."
+    )
+    retention_rows: int = Field(
+        0, ge=0, description="Keep at most this many newest predictions in the store; 0 is no limit."
+    )
+    retention_interval_seconds: float = Field(
+        600.0, gt=0, description="How often a server enforces the retention settings in the background."
+    )
+    keep_images: bool | None = Field(
+        None,
+        description="Keep each prediction's input image (content-addressed) for retraining on labelled traffic; "
+        "unset keeps them for the embedded store (under <home>) and for a store with monitor.image_url set.",
+    )
+    image_url: str = Field(
+        "",
+        description="Where kept images go: empty is <home>/monitoring/images; a folder, file:// or an fsspec URL "
+        "(s3://bucket/prefix).",
+    )
+    image_max_mb: float = Field(
+        1024.0, gt=0, description="Cap on the kept images' total size in MiB; past it new images are not kept."
+    )
+    host: str = Field("127.0.0.1", description="Address `visionloop monitor` listens on (0.0.0.0 in a container).")
+    port: int = Field(8001, ge=0, le=65535, description="Port of `visionloop monitor` (/metrics, /drift).")
+    interval_seconds: float = Field(30.0, gt=0, description="How often `visionloop monitor` runs a drift check.")
+    window_size: int = Field(
+        200, ge=2, description="Drift window: the newest this many predictions of the served version."
+    )
+    window_seconds: float = Field(
+        3600.0, gt=0, description="Drift window time bound: predictions older than this are not in the window."
+    )
+    min_window: int = Field(
+        20, ge=2, description="Fewer predictions in the window than this: the check says insufficient_data."
+    )
+    p_value: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Overall false-alarm budget of one check: split evenly (Bonferroni) over the four detectors "
+        "(image statistics, class probabilities, class mix, embeddings).",
+    )
+    correction: Literal["bonferroni", "fdr_bh"] = Field(
+        "bonferroni",
+        description="Multiple-testing correction inside a detector's family of KS tests (Bonferroni or "
+        "Benjamini-Hochberg).",
+    )
+    mmd_permutations: int = Field(
+        500,
+        ge=10,
+        le=100_000,
+        description="Permutations of the MMD test on embeddings; its p-value is at least 1/(permutations+1), so "
+        "it must be at least 4/monitor.p_value for the test to be able to fire (400 at the default 0.01).",
+    )
+    reference_size: int = Field(
+        2000, ge=50, description="Most validation/test images sampled into a version's reference profile."
+    )
+    accuracy_window: int = Field(200, ge=1, description="Live accuracy: over the newest this many feedback labels.")
+    min_accuracy: float = Field(
+        0.9, ge=0, le=1, description="Live accuracy floor; exported as visionloop_live_accuracy_floor for the alert."
+    )
+    min_feedback: int = Field(
+        20, ge=1, description="Fewer feedback labels in the window than this: live accuracy is not judged."
     )
 
 
@@ -190,6 +272,7 @@ class Settings(BaseSettings):
     gate: GateSettings = GateSettings()
     registry: RegistrySettings = RegistrySettings()
     serve: ServeSettings = ServeSettings()
+    monitor: MonitorSettings = MonitorSettings()
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> Settings:
@@ -224,6 +307,23 @@ class Settings(BaseSettings):
     @property
     def artifact_root(self) -> Path:
         return (self.home / "mlartifacts").resolve()
+
+    @property
+    def store_url(self) -> str:
+        """The prediction store: monitor.store_url, else SQLite under home."""
+        if self.monitor.store_url:
+            return self.monitor.store_url
+        return f"sqlite:///{(self.home / 'monitoring' / 'predictions.db').resolve()}"
+
+    @property
+    def image_url(self) -> str | None:
+        """Where kept input images go, or None when they are not kept."""
+        keep = self.monitor.keep_images
+        if keep is None:
+            keep = not self.monitor.store_url or bool(self.monitor.image_url)
+        if not keep:
+            return None
+        return self.monitor.image_url or str((self.home / "monitoring" / "images").resolve())
 
 
 # The YAML file named by one ``load_settings`` call (--config); pydantic-settings reads its sources

@@ -373,6 +373,10 @@ def set_run_status(run_id: str, status: str) -> None:
         client.set_terminated(run_id, status)
 
 
+# registered beside model.onnx; the reference profile is missing from exports made before monitoring
+EXTRA_FILES = ("model_card.json", "model_card.md", "weights.pt", "reference_profile.npz", "reference_profile.json")
+
+
 @_store_operation
 def register_onnx(
     settings: Settings, run_id: str, export_dir: Path, card: dict, tags: dict[str, str]
@@ -406,7 +410,7 @@ def register_onnx(
                 input_example=example,
                 # explicit requirements: inferring them costs seconds in a subprocess
                 pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
-                extra_files=[str(export_dir / f) for f in ("model_card.json", "model_card.md", "weights.pt")],
+                extra_files=[str(export_dir / f) for f in EXTRA_FILES if (export_dir / f).is_file()],
                 onnx_execution_providers=["CPUExecutionProvider"],
                 save_as_external_data=False,
                 metadata={"dataset_version": card["dataset"]["version"], "classes": card["classes"]},

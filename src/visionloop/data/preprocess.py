@@ -71,6 +71,9 @@ class Dataset:
     labels: np.ndarray  # int64 (N,)
     split: np.ndarray  # int8 (N,): 0 train, 1 val, 2 test
     hashes: np.ndarray  # str (N,): content hash of each source file
+    # int32 (N, 2): each source file's (width, height) before resizing, for monitoring's reference profile;
+    # None for dataset folders written before it was kept
+    sizes: np.ndarray | None = None
 
     def part(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         mask = self.split == SPLITS.index(name)
@@ -155,6 +158,7 @@ def preprocess(
             raise DataError(f"{record.path} changed since validation and no longer decodes: {exc}") from None
     labels = np.asarray([label_of[r.label] for r in report.files], dtype=np.int64)
     hashes = np.asarray([r.sha256 for r in report.files])
+    sizes = np.asarray([(r.width, r.height) for r in report.files], dtype=np.int32).reshape(-1, 2)
     split = split_indices(labels, params.val_fraction, params.test_fraction, params.seed)
 
     train_pixels = images[split == 0].astype(np.float64) / 255.0
@@ -175,10 +179,10 @@ def preprocess(
         source=source or report.root,
         hflip_ok=hflip_ok,
     )
-    dataset = Dataset(manifest, images, labels, split, hashes)
+    dataset = Dataset(manifest, images, labels, split, hashes, sizes)
     check_no_leak(dataset)
     with atomic_dir(final) as tmp:
-        np.savez_compressed(tmp / "data.npz", images=images, labels=labels, split=split, hashes=hashes)
+        np.savez_compressed(tmp / "data.npz", images=images, labels=labels, split=split, hashes=hashes, sizes=sizes)
         atomic_write_json(tmp / "manifest.json", manifest.to_dict())
     return final
 
@@ -198,7 +202,8 @@ def load_dataset(path: Path) -> Dataset:
     manifest = load_manifest(path)
     try:
         with np.load(path / "data.npz", allow_pickle=False) as npz:
-            dataset = Dataset(manifest, npz["images"], npz["labels"], npz["split"], npz["hashes"])
+            sizes = npz["sizes"] if "sizes" in npz.files else None
+            dataset = Dataset(manifest, npz["images"], npz["labels"], npz["split"], npz["hashes"], sizes)
     except FileNotFoundError:
         raise DataError(f"no dataset at {path} (run `visionloop data preprocess` first)") from None
     # a cut-short or bit-flipped data.npz fails inside zipfile with BadZipFile (not an OSError)

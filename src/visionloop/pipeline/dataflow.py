@@ -291,7 +291,7 @@ STEPS: tuple[Step, ...] = (
             "run_id": From("train", "run_id"),
             "out_dir": Scratch("export"),
         },
-        settings=("gate.parity_tolerance",),
+        settings=("gate.parity_tolerance", "monitor.reference_size"),
         files=("export_dir/model.onnx", "export_dir/model_card.json"),
         in_run=True,
         command=("export",),

@@ -382,6 +382,7 @@ def export_step(
         tolerance=settings.gate.parity_tolerance,
         metrics=metrics,
         train_config=settings.train.model_dump(),
+        reference_size=settings.monitor.reference_size,
     )
     return ExportOutput(export_dir=out_dir, max_abs_diff=result.max_abs_diff, parity_images=result.parity_images)
 

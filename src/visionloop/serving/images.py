@@ -76,9 +76,3 @@ def decode(data: bytes, transform: InputTransform, max_pixels: int, convert: boo
                 422, f"{name}: cannot convert image mode {img.mode} to {target}: {exc}", "image_mode"
             ) from None
     return DecodedImage(pixels, width, height, img.mode, converted)
-
-
-def pixel_stats(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation of each image's pixels (N, C, H, W) on a 0-1 scale, for drift monitoring."""
-    flat = pixels.reshape(len(pixels), -1).astype(np.float32) / 255.0
-    return flat.mean(axis=1), flat.std(axis=1)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from visionloop.monitoring.store import PredictionStore, StoreMetrics
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -35,8 +37,8 @@ class ServingMetrics:
             ["model_version", "predicted_class"], registry=r,
         )  # fmt: skip
         self.confidence = Histogram(
-            "visionloop_prediction_confidence", "Top-1 probability of each prediction.",
-            buckets=CONFIDENCE_BUCKETS, registry=r,
+            "visionloop_prediction_confidence", "Top-1 probability of each prediction, by model version.",
+            ["model_version"], buckets=CONFIDENCE_BUCKETS, registry=r,
         )  # fmt: skip
         self.batch_size = Histogram(
             "visionloop_batch_size", "Images per model run (dynamic batching).", buckets=BATCH_BUCKETS, registry=r
@@ -65,9 +67,7 @@ class ServingMetrics:
             "visionloop_feedback", "Ground-truth labels received, by whether the prediction was right.",
             ["model_version", "correct"], registry=r,
         )  # fmt: skip
-        self.prediction_log_dropped = Counter(
-            "visionloop_prediction_log_errors", "Predictions that could not be written to the log.", registry=r
-        )
+        self.store = PrometheusStoreMetrics(r)
 
     # the batcher reports through these two
     def observe_batch(self, size: int, seconds: float) -> None:
@@ -82,3 +82,48 @@ class ServingMetrics:
         self.model_info.labels(name, version, dataset_version).set(1)
         self.model_loaded_at.set(loaded_at)
         self.ready.set(1)
+
+
+class PrometheusStoreMetrics(StoreMetrics):
+    """The prediction store's health: rows written and lost, the queue in front of the database, kept images."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.errors = Counter(
+            "visionloop_prediction_store_errors",
+            "Predictions lost before reaching the store, by reason (write: refused by the database or not written "
+            "at shutdown; queue_full: the in-memory queue was full).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        for reason in ("write", "queue_full"):
+            self.errors.labels(reason)
+        self.written = Counter(
+            "visionloop_prediction_store_rows_written", "Predictions committed to the store.", registry=r
+        )
+        self.queue_rows = Gauge(
+            "visionloop_prediction_store_queue_rows", "Predictions queued in memory, not yet written.", registry=r
+        )
+        self.lag_seconds = Gauge(
+            "visionloop_prediction_store_lag_seconds",
+            "Age of the oldest prediction not yet written to the store; 0 when none is queued.",
+            registry=r,
+        )
+        self.images = Counter(
+            "visionloop_images_kept", "Input images offered for keeping, by result (kept, duplicate, over_cap, error).",
+            ["result"], registry=r,
+        )  # fmt: skip
+        for result in ("kept", "duplicate", "over_cap", "error"):
+            self.images.labels(result)
+
+    def rows_written(self, rows: int) -> None:
+        self.written.inc(rows)
+
+    def rows_lost(self, reason: str, rows: int) -> None:
+        self.errors.labels(reason).inc(rows)
+
+    def image(self, result: str) -> None:
+        self.images.labels(result).inc()
+
+    def watch(self, store: PredictionStore) -> None:
+        self.queue_rows.set_function(lambda: store.queue_rows)
+        self.lag_seconds.set_function(lambda: store.lag_seconds)

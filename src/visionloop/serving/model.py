@@ -27,8 +27,8 @@ from visionloop.config import Settings
 from visionloop.data.transform import InputTransform
 from visionloop.errors import VisionloopError
 from visionloop.inference import OnnxClassifier
+from visionloop.monitoring.store import PredictionStore
 from visionloop.serving.metrics import ServingMetrics
-from visionloop.serving.predlog import PredictionLog
 
 log = logging.getLogger("visionloop.serve")
 
@@ -83,7 +83,7 @@ class ReloadResult:
 
 
 class ModelHolder:
-    def __init__(self, settings: Settings, metrics: ServingMetrics, predictions: PredictionLog | None) -> None:
+    def __init__(self, settings: Settings, metrics: ServingMetrics, predictions: PredictionStore | None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.predictions = predictions

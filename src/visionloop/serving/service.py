@@ -1,4 +1,4 @@
-"""The service state every request shares: model holder, batcher, prediction log, metrics.
+"""The service state every request shares: model holder, batcher, prediction store, metrics.
 
 One ``Service`` per app, created by ``create_app`` and handed to the routes as a dependency
 (``api/deps.py``), so a route module needs no closure over it and imports on its own.
@@ -9,32 +9,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
 import itertools
 import time
 import uuid
 
 import numpy as np
+from PIL import Image
 
 from visionloop.config import Settings
+from visionloop.monitoring.stats import pixel_stats, sharpness
+from visionloop.monitoring.store import Prediction, PredictionStore, instance_name
 from visionloop.serving.batcher import DynamicBatcher
 from visionloop.serving.errors import ApiError
-from visionloop.serving.images import pixel_stats
 from visionloop.serving.metrics import ServingMetrics
 from visionloop.serving.model import LoadedModel, ModelHolder
-from visionloop.serving.predlog import Prediction, PredictionLog
 
 
 class Service:
-    """Everything a request needs: the model holder, the batcher, the prediction log, the metrics."""
+    """Everything a request needs: the model holder, the batcher, the prediction store, the metrics."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = ServingMetrics()
+        # opening the store does not touch the database: a store that is down does not stop the server (its rows
+        # queue, and the writer retries), and /metrics says so (visionloop_prediction_store_lag_seconds)
         self.predictions = (
-            PredictionLog(settings.home / "serving" / "predictions.db", self.metrics.prediction_log_dropped.inc)
+            PredictionStore.from_settings(settings, metrics=self.metrics.store)
             if settings.serve.log_predictions
             else None
         )
+        self.keep_images = self.predictions is not None and self.predictions.images is not None
+        self.instance = instance_name()
         self.holder = ModelHolder(settings, self.metrics, self.predictions)
         self.batcher = DynamicBatcher(settings.serve.max_batch_size, settings.serve.max_wait_ms, self.metrics)
         self._poller: asyncio.Task | None = None
@@ -80,36 +86,65 @@ class Service:
         embeddings: np.ndarray,
         sizes: list[tuple[int, int]],
         converted: list[str | None],
+        uploads: list[bytes] | None = None,
     ) -> list[str]:
-        """Count and log each prediction; returns the request ids, one per image."""
+        """Count and store each prediction; returns the request ids, one per image.
+
+        ``uploads`` are the images as they arrived, kept when images are kept (monitor.image_url); without
+        them (V2 tensors) the model's input pixels are kept as a PNG.
+        """
         now = time.time()
         ids = [f"{self._id_prefix}{next(self._id_counter):016x}" for _ in range(len(probs))]
         top = probs.argmax(axis=1)
         confidence = probs[np.arange(len(probs)), top]
-        means, stds = pixel_stats(pixels)
         for index, conf in zip(top, confidence, strict=True):
             self.metrics.predictions.labels(model.version, model.classes[index]).inc()
-            self.metrics.confidence.observe(float(conf))
-        if self.predictions is not None:
-            self.predictions.append(
-                [
-                    Prediction(
-                        ids[i],
-                        now,
-                        endpoint,
-                        model.name,
-                        model.version,
-                        int(top[i]),
-                        model.classes[top[i]],
-                        float(confidence[i]),
-                        embeddings[i],
-                        sizes[i][0],
-                        sizes[i][1],
-                        float(means[i]),
-                        float(stds[i]),
-                        converted[i],
-                    )
-                    for i in range(len(probs))
-                ]
-            )
+            self.metrics.confidence.labels(model.version).observe(float(conf))
+        if self.predictions is None:
+            return ids
+        means, stds, channel_means = pixel_stats(pixels)
+        sharp = sharpness(pixels)
+        if not self.keep_images:
+            images: list[bytes | None] = [None] * len(probs)
+        elif uploads is not None:
+            images = list(uploads)
+        else:
+            images = [png(pixels[i]) for i in range(len(probs))]
+        self.predictions.append(
+            [
+                Prediction(
+                    request_id=ids[i],
+                    time=now,
+                    endpoint=endpoint,
+                    model_name=model.name,
+                    model_version=model.version,
+                    predicted_index=int(top[i]),
+                    predicted_label=model.classes[top[i]],
+                    confidence=float(confidence[i]),
+                    probabilities=probs[i],
+                    embedding=embeddings[i],
+                    image_width=sizes[i][0],
+                    image_height=sizes[i][1],
+                    image_mean=float(means[i]),
+                    image_std=float(stds[i]),
+                    image_sharpness=float(sharp[i]),
+                    channel_means=channel_means[i],
+                    converted=converted[i],
+                    image=images[i],
+                    instance=self.instance,
+                )
+                for i in range(len(probs))
+            ]
+        )
         return ids
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """A model input (C, H, W) uint8 as PNG bytes (fast compression: this runs on the request path)."""
+    channels = pixels.shape[0]
+    # Pillow reads the mode from the shape: (H, W) is L, (H, W, 3) RGB, (H, W, 4) RGBA; any other channel
+    # count keeps the first channel, a picture a person can still look at
+    array = pixels.transpose(1, 2, 0) if channels in (3, 4) else pixels[0]
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()

@@ -28,6 +28,7 @@ from visionloop.data.transform import InputTransform
 from visionloop.errors import ExportError
 from visionloop.fsutil import atomic_dir, atomic_write_json
 from visionloop.inference import CHECK_PIXEL, INPUT_NAME, OUTPUT_NAMES, OnnxClassifier
+from visionloop.monitoring.profile import profile_dataset
 from visionloop.training.model import ExportWrapper, ModelSpec, count_parameters
 from visionloop.training.train import load_model, predict_proba
 
@@ -134,6 +135,7 @@ def export(
     tolerance: float,
     metrics: dict | None = None,
     train_config: dict | None = None,
+    reference_size: int = 2000,
 ) -> ExportResult:
     """Write ``model.onnx``, ``model_card.json``/``.md`` and ``weights.pt`` to ``out_dir`` — all or nothing."""
     model, payload = load_model(model_path)
@@ -164,6 +166,10 @@ def export(
                 f"(tolerance {tolerance:g}, gate.parity_tolerance); nothing exported"
             )
         card = model_card(payload, dataset, metrics or {}, train_config or {}, diff)
+        # what traffic to this version should look like: the drift tests' reference (monitoring/profile.py)
+        profile = profile_dataset(classifier, dataset, reference_size)
+        profile.write_files(tmp)
+        card["reference_profile"] = {k: v for k, v in profile.summary().items() if k != "quantiles"}
         # what the graph answers on its check input: serving compares a fresh load against it
         check, _ = classifier.run(classifier.check_input())
         card["onnx"]["check"] = {

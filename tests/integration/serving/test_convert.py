@@ -59,7 +59,7 @@ def logged_conversion(home: Path, request_id: str) -> str | None:
     """The ``converted`` column of a prediction, once the log's writer thread has committed it."""
     deadline = time.monotonic() + 30
     while True:
-        with sqlite3.connect(home / "serving" / "predictions.db") as db:
+        with sqlite3.connect(home / "monitoring" / "predictions.db") as db:
             row = db.execute("SELECT converted FROM predictions WHERE request_id = ?", (request_id,)).fetchone()
         if row is not None or time.monotonic() > deadline:
             assert row is not None, f"{request_id} never reached the prediction log"

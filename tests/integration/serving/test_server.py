@@ -108,13 +108,18 @@ def test_feedback_round_trip_is_logged_and_counted(champion_server, champion_set
         assert again.status_code == 409 and "already recorded" in again.json()["error"]
         metrics = http.get("/metrics").text
     assert 'visionloop_feedback_total{correct="true",model_version="1"}' in metrics
-    with sqlite3.connect(champion_settings.home / "serving" / "predictions.db") as db:
+    with sqlite3.connect(champion_settings.home / "monitoring" / "predictions.db") as db:
         row = db.execute(
-            "SELECT p.predicted_label, p.model_version, length(p.embedding), f.true_label FROM predictions p "
+            "SELECT p.predicted_label, p.model_version, length(p.embedding), f.true_label, length(p.probabilities), "
+            "length(p.channel_means), p.instance, p.image_key FROM predictions p "
             "JOIN feedback f USING (request_id) WHERE request_id = ?",
             (prediction["request_id"],),
         ).fetchone()
     assert row[0] == prediction["label"] and row[1] == "1" and row[2] > 0 and row[3] == str(label)
+    assert row[4] == 10 * 4 and row[5] == 1 * 4  # float32 softmax over the 10 digits; one grey channel
+    assert row[6].endswith(f":{champion_server.process.pid}")
+    # the embedded store keeps the upload as it arrived, content-addressed under <home>/monitoring/images
+    assert (champion_settings.home / "monitoring" / "images" / row[7]).read_bytes() == png
 
 
 def test_health_readiness_metrics_and_docs(champion_server):
@@ -128,6 +133,9 @@ def test_health_readiness_metrics_and_docs(champion_server):
             "visionloop_batch_size_bucket",
             "visionloop_batch_queue_wait_seconds_bucket",
             "visionloop_ready 1.0",
+            "visionloop_prediction_store_queue_rows",
+            "visionloop_prediction_store_lag_seconds",
+            'visionloop_prediction_store_errors_total{reason="queue_full"} 0.0',
         ):
             assert name in metrics.text
         assert http.get("/docs").status_code == 200

@@ -7,14 +7,9 @@ the endpoint from the standard AWS variables (AWS_ENDPOINT_URL), nothing special
 from __future__ import annotations
 
 import io
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,40 +19,10 @@ from visionloop.data.sources import ingest
 from visionloop.errors import DataError
 
 
-def _free_port() -> int:
+def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
-    if server is None:
-        pytest.fail("moto_server is not installed (it comes with the dev dependencies)")
-    port = _free_port()
-    process = subprocess.Popen(
-        [server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert process.poll() is None, "moto_server exited at start"
-                assert time.monotonic() < deadline, "moto_server did not listen within 60 s"
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 @pytest.fixture
@@ -118,7 +83,7 @@ def test_s3_missing_bucket_is_a_clear_error(s3: Any, tmp_home: Path) -> None:
 
 
 def test_s3_endpoint_down_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_home: Path) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

@@ -11,7 +11,7 @@ from PIL import Image
 from visionloop.data.preprocess import to_array
 from visionloop.data.transform import InputTransform
 from visionloop.serving.errors import ApiError
-from visionloop.serving.images import decode, pixel_stats
+from visionloop.serving.images import decode
 
 SIZE = 8  # the model's input side
 MAX_PIXELS = 1_000_000
@@ -191,27 +191,3 @@ def test_pillows_own_pixel_limit_is_the_one_named_when_it_is_lower(monkeypatch, 
     error = refused(single_colour_png(*size), channels=1, max_pixels=10_000)
     assert error.status == 413
     assert "over 1,000" in error.message
-
-
-def test_pixel_stats_on_a_known_array():
-    pixels = np.array(
-        [
-            np.zeros((1, 2, 2)),  # black: mean 0, std 0
-            [[[0, 255], [0, 255]]],  # half black, half white: mean 0.5, std 0.5
-            np.full((1, 2, 2), 51),  # 51/255 = 0.2 everywhere: std 0
-        ],
-        dtype=np.uint8,
-    )
-    mean, std = pixel_stats(pixels)
-    assert mean.shape == std.shape == (3,)
-    np.testing.assert_allclose(mean, [0.0, 0.5, 0.2], atol=1e-6)
-    np.testing.assert_allclose(std, [0.0, 0.5, 0.0], atol=1e-6)
-
-
-def test_pixel_stats_are_per_image_over_all_channels():
-    pixels = np.zeros((2, 3, 4, 4), dtype=np.uint8)
-    pixels[0, 0] = 255  # one of three channels white
-    pixels[1] = 255
-    mean, std = pixel_stats(pixels)
-    np.testing.assert_allclose(mean, [1 / 3, 1.0], atol=1e-6)
-    np.testing.assert_allclose(std, [np.sqrt(2) / 3, 0.0], atol=1e-6)

@@ -15,7 +15,9 @@ from visionloop.training.export import ExportResult, export
 from visionloop.training.model import ExportWrapper, count_parameters
 from visionloop.training.train import load_model, predict_proba, save_model
 
-EXPORT_FILES = ["model.onnx", "model_card.json", "model_card.md", "weights.pt"]
+EXPORT_FILES = [
+    "model.onnx", "model_card.json", "model_card.md", "reference_profile.json", "reference_profile.npz", "weights.pt",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def classifier(exported) -> OnnxClassifier:
     return OnnxClassifier.load(exported.onnx_path, exported.card_path, threads=1)
 
 
-def test_export_writes_the_four_files(exported):
+def test_export_writes_the_model_card_weights_and_reference_profile(exported):
     out_dir = exported.onnx_path.parent
     assert sorted(p.name for p in out_dir.iterdir()) == EXPORT_FILES
     assert exported.card_path == out_dir / "model_card.json"
@@ -188,3 +190,18 @@ def test_classifier_load_of_a_missing_model_is_an_error(exported, tmp_path):
         OnnxClassifier.load(tmp_path / "absent.onnx", exported.card_path)
     with pytest.raises(ExportError, match="cannot load ONNX model"):
         OnnxClassifier.load(exported.onnx_path, tmp_path / "absent.json")
+
+
+def test_reference_profile_is_the_held_out_splits_through_the_exported_graph(exported, classifier, tiny_dataset):
+    from visionloop.data.preprocess import SPLITS
+    from visionloop.monitoring.profile import ReferenceProfile
+
+    profile = ReferenceProfile.load(exported.onnx_path.parent)
+    held_out = np.isin(tiny_dataset.split, [SPLITS.index("val"), SPLITS.index("test")])
+    assert len(profile) == held_out.sum()  # fewer than monitor.reference_size: all of them
+    assert profile.origin == "export" and profile.splits == ["val", "test"]
+    probs, embeddings = classifier.run(tiny_dataset.images[held_out])
+    np.testing.assert_allclose(np.sort(profile.sample.probabilities, axis=0), np.sort(probs, axis=0), atol=1e-6)
+    assert profile.sample.embeddings.shape == embeddings.shape
+    card = classifier.card["reference_profile"]
+    assert card["size"] == len(profile) and card["files"] == ["reference_profile.npz", "reference_profile.json"]

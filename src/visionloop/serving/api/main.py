@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from visionloop.serving.api.routes import feedback, ops, predict, v2
+from visionloop.serving.api.routes import feedback, monitoring, ops, predict, v2
 
 api_router = APIRouter()
 api_router.include_router(predict.router)
 api_router.include_router(feedback.router)
 api_router.include_router(ops.router)
 api_router.include_router(v2.router)
+api_router.include_router(monitoring.router)

@@ -75,6 +75,7 @@ async def predict(
     ids = service.record(
         model, "predict", pixels, probs, embeddings,
         [(img.width, img.height) for img in images], [img.converted for img in images],
+        [data for _, data in uploads] if service.keep_images else None,
     )  # fmt: skip
     k = min(top_k or serve.top_k, len(model.classes))
     order = np.argsort(-probs, axis=1)[:, :k]

@@ -1,0 +1,153 @@
+"""``visionloop monitor``: the drift service, ``monitor check`` (one shot, for CronJobs) and ``monitor report``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from visionloop.console import JsonOpt, SetOpt, console, describe, err, print_json, settings_from
+from visionloop.errors import VisionloopError
+
+HELP = """Watch production traffic: drift of the served version's inputs and outputs, and live accuracy.
+
+Without a sub-command, runs the monitor service: a drift check every monitor.interval_seconds over the
+newest monitor.window_size predictions in the shared store (monitor.store_url), against the reference
+profile registered with the served version; GET /drift (the latest result as JSON), GET /metrics for
+Prometheus, /healthz, /readyz.
+
+Examples:
+
+  visionloop monitor                                  # the service on 127.0.0.1:8001
+
+  visionloop monitor check --json                     # one check; exit 0 no drift, 1 drift, 2 error
+
+  visionloop monitor report --output drift.html       # plots: reference against current traffic
+
+  VISIONLOOP_MONITOR__STORE_URL=postgresql://vl:pw@db:5432/predictions visionloop monitor --host 0.0.0.0
+"""
+
+app = typer.Typer(help=HELP, rich_markup_mode="rich", invoke_without_command=True)
+VersionOpt = Annotated[
+    str | None,
+    typer.Option("--model-version", help="Check this registered version instead of the one serve.model_ref names."),
+]
+EXIT = {"ok": 0, "insufficient_data": 0, "no_model": 0, "drifted": 1, "no_reference": 2, "error": 2}
+
+
+def _settings(sets: list[str] | None, **flags: Any) -> Any:
+    return settings_from(sets, **{f"monitor.{k}": v for k, v in flags.items()})
+
+
+@app.callback()
+def monitor_service(
+    ctx: typer.Context,
+    host: Annotated[str | None, typer.Option(help=describe("monitor.host"))] = None,
+    port: Annotated[int | None, typer.Option(help=describe("monitor.port"))] = None,
+    interval_seconds: Annotated[float | None, typer.Option(help=describe("monitor.interval_seconds"))] = None,
+    sets: SetOpt = None,
+) -> None:
+    if ctx.invoked_subcommand is not None:
+        return
+    from visionloop.monitoring.monitor import run_service
+
+    settings = _settings(sets, host=host, port=port, interval_seconds=interval_seconds)
+
+    def announce(url: str, _app: Any) -> None:
+        err.print(
+            f"[bold]visionloop monitor[/]: listening on {url} — {escape(settings.registry.model_name)}@"
+            f"{escape(settings.serve.model_ref)}, a check every {settings.monitor.interval_seconds:g} s\n"
+            f"  drift    {url}/drift\n  metrics  {url}/metrics\n  health   {url}/healthz  {url}/readyz\n"
+            "Ctrl-C stops it.",
+            highlight=False,
+        )
+
+    run_service(settings, on_started=announce)
+
+
+@app.command("check")
+def check_cmd(
+    model_version: VersionOpt = None,
+    window_size: Annotated[int | None, typer.Option(help=describe("monitor.window_size"))] = None,
+    json_out: JsonOpt = False,
+    sets: SetOpt = None,
+) -> None:
+    """One drift check now; exit 0 when nothing drifted, 1 when something did, 2 when it could not check.
+
+    Also records the result in the store, where the server's GET /monitoring/drift finds it."""
+    from visionloop.monitoring.monitor import Monitor
+
+    monitor = Monitor(_settings(sets, window_size=window_size))
+    try:
+        result = monitor.check(model_version)
+    finally:
+        monitor.close()
+    if json_out:
+        print_json(result.model_dump(mode="json"))
+    else:
+        _print_result(result)
+    sys.exit(EXIT[result.status])
+
+
+@app.command("report")
+def report_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write.")] = Path("drift-report.html"),
+    model_version: VersionOpt = None,
+    sets: SetOpt = None,
+) -> None:
+    """Write a self-contained HTML report: the verdict, every test, and plots of reference against current
+    traffic (image statistics, class mix, confidence, a 2-D projection of the embeddings, p-values over time)."""
+    from visionloop.monitoring.monitor import Monitor
+    from visionloop.monitoring.report import write_report
+
+    settings = _settings(sets)
+    monitor = Monitor(settings)
+    try:
+        result = monitor.check(model_version)
+        if result.model_version is None or result.reference is None:
+            raise VisionloopError("no report: " + "; ".join(result.reasons))
+        profile, _ = monitor.reference(result.model_version)
+        name, monitor_settings = settings.registry.model_name, settings.monitor
+        since = time.time() - monitor_settings.window_seconds
+        window = monitor.store.window(name, result.model_version, monitor_settings.window_size, since=since)
+        history = monitor.store.checks(name, result.model_version)
+    finally:
+        monitor.close()
+    path = write_report(
+        output, model_name=name, model_version=result.model_version, classes=profile.classes,
+        reference=profile.sample, window=window.sample, latest=result, history=history,
+    )  # fmt: skip
+    console.print(f"report: {path} ({result.status}, {result.window.size} predictions, {len(history)} checks)")
+
+
+def _print_result(result: Any) -> None:
+    colour = {"ok": "green", "drifted": "red", "insufficient_data": "yellow"}.get(result.status, "red")
+    w = result.window
+    console.print(
+        f"[bold]{escape(result.model_name)} v{result.model_version}[/]: [{colour}]{result.status}[/] — window "
+        f"{w.size}/{w.requested} predictions over {w.span_seconds:.0f} s",
+        highlight=False,
+    )
+    for reason in result.reasons:
+        console.print(f"  - {escape(reason)}", highlight=False)
+    if result.tests:
+        table = Table(box=box.SIMPLE_HEAD)
+        for column in ("test", "detector", "statistic", "p", "adjusted p", "threshold", "drift"):
+            table.add_column(column, justify="left" if column in ("test", "detector") else "right")
+        for t in result.tests:
+            mark = "[red]yes[/]" if t.drifted else "no"
+            table.add_row(
+                t.name, t.detector, f"{t.statistic:.4g}", f"{t.p_value:.3g}", f"{t.adjusted_p_value:.3g}",
+                f"{t.threshold:.3g}", mark,
+            )  # fmt: skip
+        console.print(table)
+    for live in result.accuracy:
+        shown = "n/a" if live.accuracy is None else f"{live.accuracy:.3f}"
+        judged = "" if live.judged else " (too few labels to judge)"
+        console.print(f"  live accuracy v{live.model_version}: {shown} on {live.count} labels{judged}")

@@ -1,0 +1,268 @@
+"""The monitor: every interval, the served version's newest predictions against its reference profile.
+
+``Monitor.check()`` is one check: resolve the version ``serve.model_ref`` names, read its reference
+profile (``profile.py``) and its window of logged predictions from the shared store (one indexed query,
+``monitor.window_size`` rows no older than ``monitor.window_seconds``), run the drift tests
+(``drift.py``), measure live accuracy per version from feedback, keep the result in the store (the
+server's ``GET /monitoring/drift`` and the report read it there) and export it as metrics.
+A check never raises: a registry, store or profile failure is a result with status ``error`` (or
+``no_reference``), counted in ``visionloop_monitor_errors_total{stage}``.
+
+``create_app`` is ``visionloop monitor``: the same check on a timer, ``GET /drift`` (the latest result),
+``POST /check`` (one now), ``GET /metrics``, ``/healthz`` and ``/readyz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from visionloop.config import Settings
+from visionloop.errors import VisionloopError
+from visionloop.monitoring import drift
+from visionloop.monitoring.metrics import MonitorMetrics
+from visionloop.monitoring.profile import ProfileError, ReferenceProfile, profile_for
+from visionloop.monitoring.schema import DriftResult, LiveAccuracy, WindowInfo
+from visionloop.monitoring.stats import Sample
+from visionloop.monitoring.store import PredictionStore
+
+log = logging.getLogger("visionloop.monitor")
+
+
+class Monitor:
+    def __init__(self, settings: Settings, store: PredictionStore | None = None) -> None:
+        self.settings = settings
+        self.config = drift.DriftConfig.from_settings(settings.monitor)
+        self.metrics = MonitorMetrics(settings.monitor)
+        self._store = store
+        self._references: dict[str, tuple[ReferenceProfile, drift.Reference]] = {}
+        self._lock = threading.Lock()  # one check at a time (the timer and POST /check)
+        self.latest: DriftResult | None = None
+
+    @property
+    def store(self) -> PredictionStore:
+        if self._store is None:
+            self._store = PredictionStore.from_settings(self.settings, writer=False)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    # ------------------------------------------------------------------------------------------ one check
+    def check(self, version: str | None = None, save: bool = True) -> DriftResult:
+        """One drift check of ``version`` (default: the one ``serve.model_ref`` names now)."""
+        with self._lock:
+            started, now = time.perf_counter(), time.time()
+            result = self._check(version, now)
+            result.duration_seconds = round(time.perf_counter() - started, 6)
+            if save and result.status != "error":
+                try:
+                    self.store.save_check(result)
+                except VisionloopError as exc:
+                    self._failed("store", exc)
+            self.metrics.observe(result)
+            self.latest = result
+        return result
+
+    def _check(self, version: str | None, now: float) -> DriftResult:
+        monitor = self.settings.monitor
+        name = self.settings.registry.model_name
+        window_info = WindowInfo(size=0, requested=monitor.window_size, max_age_seconds=monitor.window_seconds)
+        settings_used: dict[str, float | int | str] = {
+            "p_value": monitor.p_value, "correction": monitor.correction, "detector_threshold": monitor.p_value / 4,
+            "mmd_permutations": monitor.mmd_permutations, "window_size": monitor.window_size,
+            "window_seconds": monitor.window_seconds, "min_window": monitor.min_window,
+            "accuracy_window": monitor.accuracy_window, "min_accuracy": monitor.min_accuracy,
+            "min_feedback": monitor.min_feedback,
+        }  # fmt: skip
+
+        def result(status: str, reasons: list[str], **fields: Any) -> DriftResult:
+            return DriftResult(
+                model_name=name, model_version=version, checked_at=now, duration_seconds=0.0, status=status,
+                drifted=status == "drifted", reasons=reasons, window=fields.pop("window", window_info),
+                settings=settings_used, **fields,
+            )  # fmt: skip
+
+        if version is None:
+            try:
+                from visionloop import registry
+
+                version = registry.resolve(self.settings, self.settings.serve.model_ref)
+            except VisionloopError as exc:
+                return result("error", [self._failed("registry", exc)])
+            if version is None:
+                return result("no_model", [f"no version is registered as {name}@{self.settings.serve.model_ref}"])
+        try:
+            accuracy = self.live_accuracy()
+        except VisionloopError as exc:
+            return result("error", [self._failed("store", exc)])
+        try:
+            profile, reference = self.reference(version)
+        except VisionloopError as exc:
+            return result("no_reference", [self._failed("reference", exc)], accuracy=accuracy)
+        try:
+            window = self.store.window(name, version, monitor.window_size, since=now - monitor.window_seconds)
+        except VisionloopError as exc:
+            return result("error", [self._failed("store", exc)], accuracy=accuracy)
+        first, last = window.first_time, window.last_time
+        info = WindowInfo(
+            size=len(window.sample), requested=monitor.window_size, max_age_seconds=monitor.window_seconds,
+            first_time=first, last_time=last, span_seconds=(last - first) if first is not None and last else 0.0,
+        )  # fmt: skip
+        common = {"window": info, "reference": profile.info(now), "accuracy": accuracy}
+        if len(window.sample) < monitor.min_window:
+            reason = (
+                f"{len(window.sample)} predictions of v{version} in the last {monitor.window_seconds:g} s; "
+                f"a verdict needs monitor.min_window={monitor.min_window}"
+            )
+            return result("insufficient_data", [reason], **common)
+        try:
+            verdict = drift.detect(reference, comparable(window.sample, profile.sample))
+        except Exception as exc:  # a bug or a malformed row must not stop the monitor
+            log.exception("drift tests failed")
+            return result("error", [self._failed("drift", exc)], **common)
+        status = "drifted" if verdict.drifted else "ok"
+        return result(status, verdict.reasons, tests=verdict.tests, **common)
+
+    def reference(self, version: str) -> tuple[ReferenceProfile, drift.Reference]:
+        """The version's profile and its prepared drift reference (built once per version)."""
+        if version not in self._references:
+            profile = profile_for(self.settings, version)
+            if len(profile) < 2:
+                raise ProfileError(f"the reference profile of v{version} holds {len(profile)} images")
+            prepared = drift.Reference(profile.sample, len(profile.classes), self.config)
+            self._references = {version: (profile, prepared)}  # only the served version is kept in memory
+        return self._references[version]
+
+    def live_accuracy(self) -> list[LiveAccuracy]:
+        monitor = self.settings.monitor
+        out = []
+        for version, count, correct in self.store.live_accuracy(
+            self.settings.registry.model_name, monitor.accuracy_window
+        ):
+            accuracy = correct / count if count else None
+            judged = count >= monitor.min_feedback
+            below = judged and accuracy is not None and accuracy < monitor.min_accuracy
+            out.append(
+                LiveAccuracy(
+                    model_version=version,
+                    count=count,
+                    correct=correct,
+                    accuracy=accuracy,
+                    judged=judged,
+                    below_floor=below,
+                )
+            )
+        return out
+
+    def _failed(self, stage: str, exc: BaseException) -> str:
+        self.metrics.errors.labels(stage).inc()
+        message = f"{stage}: {exc}"
+        log.warning("check failed at %s", message)
+        return message
+
+
+def comparable(window: Sample, reference: Sample) -> Sample:
+    """The window with only the statistics the reference has (older profiles lack the source sizes)."""
+    if set(window.stats) == set(reference.stats):
+        return window
+    stats = {name: values for name, values in window.stats.items() if name in reference.stats}
+    return Sample(stats, window.probabilities, window.embeddings, window.times)
+
+
+# ------------------------------------------------------------------------------------------ the service
+def create_app(settings: Settings, monitor: Monitor | None = None) -> Any:
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from visionloop import __version__
+
+    monitor = monitor or Monitor(settings)
+
+    async def check_forever() -> None:
+        while True:
+            try:
+                await asyncio.to_thread(monitor.check)
+            except Exception as exc:  # the timer outlives anything a check throws
+                log.exception("drift check failed: %s", exc)
+            await asyncio.sleep(settings.monitor.interval_seconds)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(check_forever())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        monitor.close()
+
+    app = FastAPI(
+        title="visionloop monitor",
+        version=__version__,
+        description="Drift checks of the served model's traffic against its reference profile, every "
+        f"{settings.monitor.interval_seconds:g} s; Prometheus metrics under /metrics.",
+        lifespan=lifespan,
+    )
+    app.state.monitor = monitor
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        latest = monitor.latest
+        if latest is None:
+            return JSONResponse({"ready": False, "error": "no check has finished yet"}, status_code=503)
+        if latest.status == "error":
+            return JSONResponse({"ready": False, "error": "; ".join(latest.reasons)}, status_code=503)
+        return JSONResponse({"ready": True, "status": latest.status})
+
+    @app.get("/drift", response_model=DriftResult)
+    def latest_drift() -> Any:
+        if monitor.latest is None:
+            return JSONResponse({"error": "no check has finished yet; try again in a moment"}, status_code=503)
+        return monitor.latest
+
+    @app.post("/check", response_model=DriftResult)
+    async def check_now() -> DriftResult:
+        return await asyncio.to_thread(monitor.check)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(monitor.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def run_service(settings: Settings, on_started: Any = None) -> None:
+    """``visionloop monitor``: serve until SIGINT/SIGTERM."""
+    import signal
+
+    import uvicorn
+
+    from visionloop.serving.server import _Server
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    if not log.handlers:
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    config = uvicorn.Config(
+        create_app(settings), host=settings.monitor.host, port=settings.monitor.port, log_level="warning",
+        lifespan="on", timeout_graceful_shutdown=5,
+    )  # fmt: skip
+    server = _Server(config)
+    server.on_started = on_started
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: None)
+    server.run()
+    if not server.started:
+        raise SystemExit(1)

@@ -1,0 +1,212 @@
+"""deploy/monitoring on a real stack: Debian's Prometheus scraping a real `visionloop serve` (the digits champion)
+and a real `visionloop monitor`, with the rules of deploy/monitoring (only their `for:` shortened), and
+Alertmanager on deploy/monitoring's config sending to a webhook receiver this test runs.
+
+In-distribution digits (with /feedback) first: every expression of the rules and of both dashboards evaluates,
+and every dashboard panel has data. Then inverted digits: VisionloopDriftDetected fires in Prometheus, and
+Alertmanager delivers it to the webhook as the loop would receive it (payload version 4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from stack import (  # this folder is on sys.path (no __init__.py)
+    MONITORING,
+    Process,
+    PromAPI,
+    WebhookReceiver,
+    alertmanager_config,
+    binary,
+    free_port,
+    prometheus_config,
+    start_alertmanager,
+    start_prometheus,
+    start_visionloop,
+    substitute,
+    wait_until,
+)
+from traffic import held_out_uploads, inverted, publish, shuffled
+
+from visionloop.config import Settings
+from visionloop.data.preprocess import Dataset
+
+pytestmark = pytest.mark.slow
+
+MODEL = "stack-digits"
+MONITOR = {
+    "interval_seconds": 1,
+    "window_size": 60,
+    "min_window": 30,
+    "min_feedback": 10,
+    "accuracy_window": 100,
+}
+DASHBOARDS = sorted((MONITORING / "grafana" / "dashboards").glob("*.json"))
+
+
+@dataclass
+class Stack:
+    serve_url: str
+    monitor_url: str
+    prometheus: PromAPI
+    webhook: WebhookReceiver
+    processes: list[Process]
+
+
+def send(serve_url: str, uploads: list[tuple[bytes, int]], feedback: bool) -> None:
+    """POST the PNGs to /predict, 16 a request, and (``feedback``) each true label to /feedback."""
+    with httpx.Client(base_url=serve_url, timeout=60) as client:
+        for start in range(0, len(uploads), 16):
+            chunk = uploads[start : start + 16]
+            files = [("file", (f"{i}.png", data, "image/png")) for i, (data, _) in enumerate(chunk)]
+            answer = client.post("/predict", files=files)
+            assert answer.status_code == 200, answer.text
+            if feedback:
+                for prediction, (_, label) in zip(answer.json()["predictions"], chunk, strict=True):
+                    sent = client.post("/feedback", json={"request_id": prediction["request_id"], "label": label})
+                    assert sent.status_code == 200, sent.text
+
+
+@pytest.fixture(scope="module")
+def uploads(digits_dataset: Dataset, tmp_path_factory: pytest.TempPathFactory) -> list[tuple[bytes, int]]:
+    return shuffled(held_out_uploads(digits_dataset, tmp_path_factory.mktemp("stack-digits-source")))
+
+
+@pytest.fixture(scope="module")
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, strong_export: Path, digits_dataset: Dataset, uploads: list
+) -> Iterator[Stack]:
+    binary("prometheus"), binary("prometheus-alertmanager", "alertmanager")  # skip/fail before any work
+    home = tmp_path_factory.mktemp("stack-home")
+    folder = tmp_path_factory.mktemp("stack-config")
+    settings = Settings(home=home, registry={"model_name": MODEL}, gate={"min_accuracy": 0.0}, monitor=MONITOR)
+    assert publish(settings, strong_export, digits_dataset) == "1"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VISIONLOOP_", "MLFLOW_"))}
+    env |= {"VISIONLOOP_HOME": str(home), "VISIONLOOP_REGISTRY__MODEL_NAME": MODEL, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env |= {f"VISIONLOOP_MONITOR__{k.upper()}": str(v) for k, v in MONITOR.items()}
+    processes: list[Process] = []
+    webhook = WebhookReceiver()
+    try:
+        serve, serve_url = start_visionloop("visionloop serve", ["serve"], env)
+        processes.append(serve)
+        monitor, monitor_url = start_visionloop("visionloop monitor", ["monitor"], env)
+        processes.append(monitor)
+        prometheus_address, alertmanager_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        processes.append(start_alertmanager(folder, alertmanager_config(folder, webhook.url), alertmanager_address))
+        config = prometheus_config(
+            folder, serve_url.removeprefix("http://"), monitor_url.removeprefix("http://"), prometheus_address,
+            alertmanager_address,
+        )  # fmt: skip
+        processes.append(start_prometheus(folder, config, prometheus_address))
+        prometheus = PromAPI(f"http://{prometheus_address}")
+        wait_until(
+            "both visionloop targets to be up",
+            lambda: len(prometheus.query('up{job=~"visionloop-serve|visionloop-monitor"} == 1')) == 2,
+            timeout=30,
+        )
+        send(serve_url, uploads[:120], feedback=True)
+        yield Stack(serve_url, monitor_url, prometheus, webhook, processes)
+    finally:
+        for process in reversed(processes):
+            process.stop()
+        webhook.close()
+
+
+def rule_expressions() -> list[tuple[str, str]]:
+    groups = yaml.safe_load((MONITORING / "prometheus" / "rules" / "visionloop.rules.yml").read_text())["groups"]
+    return [(r.get("alert") or r["record"], r["expr"]) for g in groups for r in g["rules"]]
+
+
+def panel_queries() -> list[tuple[str, str, str]]:
+    """(dashboard, panel title, PromQL with the variables filled in) of every target."""
+    out = []
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
+        for panel in panels:
+            out.extend((path.stem, panel["title"], substitute(t["expr"])) for t in panel.get("targets", []))
+    return out
+
+
+def test_the_stack_scrapes_the_real_route_labels(stack):
+    routes = {s["metric"]["route"] for s in stack.prometheus.query("visionloop_http_requests_total")}
+    assert {"/predict", "/feedback", "/metrics"} <= routes, routes
+    assert stack.prometheus.query('visionloop_ready{job="visionloop-serve"} == 1')
+    assert stack.prometheus.label_values("model_version", "visionloop_predictions_total") == ["1"]
+
+
+def test_every_rule_and_dashboard_expression_evaluates(stack):
+    checked = 0
+    for _rule, expr in rule_expressions():
+        stack.prometheus.query(expr)  # raises naming the expression on a parse or evaluation error
+        checked += 1
+    for dashboard, title, expr in panel_queries():
+        try:
+            stack.prometheus.query(expr)
+        except AssertionError as exc:
+            raise AssertionError(f"{dashboard} / {title}: {exc}") from None
+        checked += 1
+    assert checked >= 60
+
+
+def test_every_dashboard_panel_has_data_after_traffic(stack):
+    queries = panel_queries()
+
+    def empty() -> list[str]:
+        return [f"{d} / {t}: {e}" for d, t, e in queries if not stack.prometheus.query(e)]
+
+    # the monitor checks every second; Prometheus scrapes every second: wait for both to have seen the traffic
+    wait_until(
+        "a drift check over the traffic to reach Prometheus",
+        lambda: (
+            stack.prometheus.query('visionloop_drift_detected{model_version="1"}')
+            and stack.prometheus.query('visionloop_drift_window_size{model_version="1"} >= 60')
+        ),
+        timeout=60,
+    )
+    try:
+        wait_until("every panel to have data", lambda: not empty(), timeout=30)
+    except AssertionError:
+        missing = empty()
+        raise AssertionError("panels without data:\n" + "\n".join(missing)) from None
+    # the variables' own queries list the served version and the server
+    assert stack.prometheus.label_values("model_version", "visionloop_predictions_total") == ["1"]
+    assert stack.prometheus.label_values("instance", 'visionloop_ready{job="visionloop-serve"}') == [
+        stack.serve_url.removeprefix("http://")
+    ]
+
+
+def test_inverted_digits_fire_the_drift_alert_and_alertmanager_delivers_it(stack, uploads):
+    send(stack.serve_url, inverted(uploads[120:200]), feedback=False)
+
+    def drift_alert() -> dict | None:
+        alerts = [a for a in stack.prometheus.alerts() if a["labels"]["alertname"] == "VisionloopDriftDetected"]
+        return next((a for a in alerts if a["state"] == "firing"), None)
+
+    alert = wait_until("VisionloopDriftDetected to fire in Prometheus", drift_alert, timeout=90)
+    assert alert["labels"] | {"instance": ""} == {
+        "alertname": "VisionloopDriftDetected", "severity": "warning", "service": "visionloop",
+        "job": "visionloop-monitor", "model_version": "1", "instance": "",
+    }  # fmt: skip
+    assert alert["annotations"]["runbook_url"].endswith("/docs/monitoring.md#visionloopdriftdetected")
+
+    def names_drift(body: dict) -> bool:
+        return any(a["labels"]["alertname"] == "VisionloopDriftDetected" for a in body["alerts"])
+
+    notification = stack.webhook.wait_for(names_drift, timeout=60)
+    assert notification["path"] == "/alerts" and notification["version"] == "4"
+    assert notification["receiver"] == "visionloop-loop" and notification["status"] == "firing"
+    assert notification["groupLabels"] == {"alertname": "VisionloopDriftDetected", "model_version": "1"}
+    (sent,) = [a for a in notification["alerts"] if a["labels"]["alertname"] == "VisionloopDriftDetected"]
+    assert sent["status"] == "firing" and sent["labels"]["model_version"] == "1"
+    assert sent["annotations"]["summary"] == "The live traffic of model version 1 has drifted from its reference."
+    # the monitor's own answer agrees with what Prometheus alerted on
+    drift = httpx.get(f"{stack.monitor_url}/drift", timeout=30).json()
+    assert drift["status"] == "drifted" and drift["model_version"] == "1"
