@@ -170,6 +170,11 @@ class ServeSettings(_Group):
     admin_token: str = Field(
         "", description="Bearer token POST /admin/reload requires; empty leaves it open (bind to 127.0.0.1 then)."
     )
+    feedback_token: str = Field(
+        "",
+        description="Bearer token POST /feedback requires; empty takes labels from anyone who can reach the server "
+        "(labels become training data: set one wherever the closed loop retrains on them).",
+    )
     log_predictions: bool = Field(
         True, description="Record every prediction in the prediction store (monitor.store_url) for monitoring."
     )

@@ -212,8 +212,10 @@ class PredictionStore:
         self.engine.dispose()
 
     # ------------------------------------------------------------------------------ feedback
-    def add_feedback(self, request_id: str, true_label: str | int) -> Feedback:
-        """Record the true label of a stored prediction (by class name or index); ApiError 404/422/409."""
+    def add_feedback(self, request_id: str, true_label: str | int, authenticated: bool = False) -> Feedback:
+        """Record the true label of a stored prediction (by class name or index); ApiError 404/422/409.
+
+        ``authenticated``: the label came with serve.feedback_token (kept, so a retrain can use only those)."""
         self.flush(self.timeout)  # the prediction may still be on its way to the database
         p, m = predictions_table.c, models_table.c
         query = (
@@ -245,6 +247,7 @@ class PredictionStore:
             "true_index": index,
             "true_label": classes[index],
             "correct": int(index == predicted_index),
+            "authenticated": int(authenticated),
         }
         try:  # feedback is rare: written at once, in its own transaction
             with self.engine.begin() as conn:
@@ -389,20 +392,25 @@ class PredictionStore:
         return [DriftResult.model_validate_json(text) for text in reversed(found)]
 
     # ------------------------------------------------------------------------------ labelled images
-    def labelled(self, model_name: str, since: float = 0, limit: int | None = None) -> list[LabelledImage]:
-        """Predictions with a feedback label (given at or after ``since``) whose image was kept, oldest label first."""
+    def labelled(
+        self, model_name: str, since: float = 0, limit: int | None = None, authenticated_only: bool = False
+    ) -> list[LabelledImage]:
+        """Predictions with a feedback label (given at or after ``since``) whose image was kept, oldest label first;
+        ``authenticated_only``: only labels that came with serve.feedback_token."""
         p, f = predictions_table.c, feedback_table.c
         query = (
-            sa.select(p.request_id, f.time, p.image_key, f.true_label, p.model_version)
+            sa.select(p.request_id, f.time, p.image_key, f.true_label, p.model_version, f.authenticated)
             .join(feedback_table, f.request_id == p.request_id)
             .where(f.model_name == model_name, f.time >= since, p.image_key.is_not(None))
             .order_by(f.time)
         )
+        if authenticated_only:
+            query = query.where(f.authenticated == 1)
         if limit is not None:
             query = query.limit(limit)
         with self._read() as conn:
             rows = conn.execute(query).all()
-        return [LabelledImage(r[0], float(r[1]), r[2], r[3], r[4]) for r in rows]
+        return [LabelledImage(r[0], float(r[1]), r[2], r[3], r[4], bool(r[5])) for r in rows]
 
 
 def instance_name() -> str:

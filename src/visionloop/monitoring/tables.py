@@ -81,6 +81,8 @@ feedback_table = sa.Table(
     sa.Column("true_index", sa.Integer, nullable=False),
     sa.Column("true_label", sa.Text, nullable=False),
     sa.Column("correct", sa.Integer, nullable=False),  # 0 | 1
+    # 1 when the label came with serve.feedback_token: the labels a retrain may trust when a token is set
+    sa.Column("authenticated", sa.Integer, nullable=False, server_default="0"),
     sa.Index("feedback_version_time", "model_name", "model_version", "time"),
 )
 
@@ -191,6 +193,7 @@ class LabelledImage:
     image_key: str  # ImageStore.open(image_key) gives the bytes
     true_label: str
     model_version: str  # the version that made the prediction
+    authenticated: bool = False  # the label came with serve.feedback_token
 
 
 WINDOW_COLUMNS = (  # what a Window is read from; the drift tests need no more

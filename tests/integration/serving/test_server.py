@@ -122,6 +122,29 @@ def test_feedback_round_trip_is_logged_and_counted(champion_server, champion_set
     assert (champion_settings.home / "monitoring" / "images" / row[7]).read_bytes() == png
 
 
+def test_feedback_needs_the_token_when_one_is_set_and_is_marked_as_authenticated(champion_settings, digit_png):
+    from fastapi.testclient import TestClient
+
+    from visionloop.serving.app import create_app
+
+    png, label = digit_png
+    settings = champion_settings.model_copy(
+        update={"serve": champion_settings.serve.model_copy(update={"feedback_token": "s3cret", "poll_seconds": 0})}
+    )
+    with TestClient(create_app(settings)) as http:
+        request_id = http.post("/predict", files={"file": ("x.png", png)}).json()["predictions"][0]["request_id"]
+        body = {"request_id": request_id, "label": str(label)}
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            refused = http.post("/feedback", json=body, headers=headers)
+            assert refused.status_code == 401 and "serve.feedback_token" in refused.json()["error"]
+        store = http.app.state.service.predictions
+        assert [x for x in store.labelled(settings.registry.model_name) if x.request_id == request_id] == []
+        accepted = http.post("/feedback", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert accepted.status_code == 200, accepted.text
+        (mine,) = [x for x in store.labelled(settings.registry.model_name) if x.request_id == request_id]
+        assert mine.authenticated
+
+
 def test_health_readiness_metrics_and_docs(champion_server):
     with champion_server.client() as http:
         assert http.get("/healthz").json() == {"status": "alive"}

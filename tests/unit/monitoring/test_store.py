@@ -457,6 +457,19 @@ def test_images_over_the_cap_are_not_kept(url, tmp_path, metrics):
     assert not images.exists(image_key(b))
 
 
+def test_labels_that_came_with_the_feedback_token_are_marked_and_can_be_chosen(url, image_store):
+    store = PredictionStore(url, images=image_store)
+    try:
+        store.record_model("pets", "1", "ds-abc", CLASSES)
+        store.append([prediction("open", image=png_bytes(1)), prediction("signed", image=png_bytes(2))])
+        store.add_feedback("open", "dog")
+        store.add_feedback("signed", "fox", authenticated=True)
+        assert [(x.request_id, x.authenticated) for x in store.labelled("pets")] == [("open", False), ("signed", True)]
+        assert [x.request_id for x in store.labelled("pets", authenticated_only=True)] == ["signed"]
+    finally:
+        store.close()
+
+
 def test_image_key_names_the_format():
     jpeg = io.BytesIO()
     Image.new("RGB", (4, 4)).save(jpeg, format="JPEG")
