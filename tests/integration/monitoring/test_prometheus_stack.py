@@ -136,8 +136,12 @@ def panel_queries() -> list[tuple[str, str, str]]:
 
 
 def test_the_stack_scrapes_the_real_route_labels(stack):
-    routes = {s["metric"]["route"] for s in stack.prometheus.query("visionloop_http_requests_total")}
-    assert {"/predict", "/feedback", "/metrics"} <= routes, routes
+    def routes() -> set[str]:
+        return {s["metric"]["route"] for s in stack.prometheus.query("visionloop_http_requests_total")}
+
+    # the traffic is sent, but the scrape that sees it may still be a second away (a /metrics request is
+    # counted only from the scrape after the first one)
+    wait_until("the routes of the traffic in Prometheus", lambda: {"/predict", "/feedback", "/metrics"} <= routes(), 30)
     assert stack.prometheus.query('visionloop_ready{job="visionloop-serve"} == 1')
     assert stack.prometheus.label_values("model_version", "visionloop_predictions_total") == ["1"]
 
