@@ -7,7 +7,8 @@
 - ``make_image_folder``: ``make_image_folder(root=None, classes=("a", "b"), per_class=6, size=16,
   mode="RGB", seed=0) -> Path`` writes ``root/<class>/<class>_<i>.png`` with unique images and
   returns ``root`` (default: a fresh folder under ``tmp_path``).
-- ``s3_endpoint``: the URL of a real S3-compatible server on 127.0.0.1 (moto's), one per test module.
+- ``s3_endpoint``: the URL of a real S3-compatible server on 127.0.0.1 (moto's), one per test module;
+  ``s3``: a boto3 client of it, with the test's AWS_* variables pointing there.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from localhost import free_port  # tests/localhost.py (tests/ is on sys.path)
 
 
 def write_noise_png(
@@ -74,12 +78,6 @@ def make_image_folder(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """A real S3-compatible server on 127.0.0.1 (moto's standalone server), one per test module."""
@@ -109,3 +107,17 @@ def s3_endpoint() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "visionloop-test",
+        "AWS_SECRET_ACCESS_KEY": "visionloop-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": s3_endpoint,
+    }.items():
+        monkeypatch.setenv(name, value)
+    import boto3
+
+    return boto3.client("s3")

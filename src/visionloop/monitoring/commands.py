@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -110,12 +109,11 @@ def report_cmd(
     monitor = Monitor(settings)
     try:
         result = monitor.check(model_version)
-        if result.model_version is None or result.reference is None:
+        window = monitor.latest_window
+        if result.model_version is None or result.reference is None or window is None:
             raise VisionloopError("no report: " + "; ".join(result.reasons))
-        profile, _ = monitor.reference(result.model_version)
-        name, monitor_settings = settings.registry.model_name, settings.monitor
-        since = time.time() - monitor_settings.window_seconds
-        window = monitor.store.window(name, result.model_version, monitor_settings.window_size, since=since)
+        profile, _ = monitor.reference(result.model_version)  # prepared by the check: no second load
+        name = settings.registry.model_name
         history = monitor.store.checks(name, result.model_version)
     finally:
         monitor.close()

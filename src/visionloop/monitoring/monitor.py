@@ -29,7 +29,7 @@ from visionloop.monitoring.metrics import MonitorMetrics
 from visionloop.monitoring.profile import ProfileError, ReferenceProfile, profile_for
 from visionloop.monitoring.schema import DriftResult, LiveAccuracy, WindowInfo
 from visionloop.monitoring.stats import Sample
-from visionloop.monitoring.store import PredictionStore
+from visionloop.monitoring.store import PredictionStore, Window
 
 log = logging.getLogger("visionloop.monitor")
 
@@ -43,6 +43,7 @@ class Monitor:
         self._references: dict[str, tuple[ReferenceProfile, drift.Reference]] = {}
         self._lock = threading.Lock()  # one check at a time (the timer and POST /check)
         self.latest: DriftResult | None = None
+        self.latest_window: Window | None = None  # the window the latest check read (the report plots it)
 
     @property
     def store(self) -> PredictionStore:
@@ -59,6 +60,7 @@ class Monitor:
         """One drift check of ``version`` (default: the one ``serve.model_ref`` names now)."""
         with self._lock:
             started, now = time.perf_counter(), time.time()
+            self.latest_window = None
             result = self._check(version, now)
             result.duration_seconds = round(time.perf_counter() - started, 6)
             if save and result.status != "error":
@@ -110,6 +112,7 @@ class Monitor:
             window = self.store.window(name, version, monitor.window_size, since=now - monitor.window_seconds)
         except VisionloopError as exc:
             return result("error", [self._failed("store", exc)], accuracy=accuracy)
+        self.latest_window = window
         first, last = window.first_time, window.last_time
         info = WindowInfo(
             size=len(window.sample), requested=monitor.window_size, max_age_seconds=monitor.window_seconds,

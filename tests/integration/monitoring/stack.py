@@ -13,9 +13,7 @@ import queue
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,10 +26,10 @@ import httpx
 import pytest
 import yaml
 
+from localhost import VISIONLOOP  # tests/localhost.py (tests/ is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[3]
 MONITORING = ROOT / "deploy" / "monitoring"
-_SCRIPT = Path(sys.executable).with_name("visionloop")
-VISIONLOOP = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "visionloop.cli"]
 # Grafana's variables, as a dashboard with "All" selected would send them (a range long enough for the test)
 GRAFANA_VARIABLES = {
     "$__rate_interval": "1m",
@@ -52,12 +50,6 @@ def binary(*names: str) -> str:
     if os.environ.get("CI") == "true":
         pytest.fail(message)
     pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(what: str, probe: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:

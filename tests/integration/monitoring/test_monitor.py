@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from traffic import held_out_uploads, inverted, publish, shuffled  # this folder is on sys.path (no __init__.py)
 
+from localhost import VISIONLOOP  # tests/localhost.py
 from visionloop import registry
 from visionloop.config import Settings, ValidationPolicy
 from visionloop.data.preprocess import Dataset, PreprocessParams, preprocess
@@ -28,8 +28,6 @@ from visionloop.monitoring.profile import PROFILE_JSON, cache_dir
 from visionloop.pipeline import steps
 from visionloop.serving.app import create_app as create_server
 
-_SCRIPT = Path(sys.executable).with_name("visionloop")
-COMMAND = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "visionloop.cli"]
 MONITOR = {"window_size": 100, "min_window": 30, "min_feedback": 10, "accuracy_window": 100, "interval_seconds": 60}
 
 
@@ -114,20 +112,32 @@ def test_monitor_check_exit_codes_and_json(settings, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VISIONLOOP_", "MLFLOW_"))}
     env |= {"VISIONLOOP_HOME": str(settings.home), "VISIONLOOP_REGISTRY__MODEL_NAME": "monitored"}
     env |= {f"VISIONLOOP_MONITOR__{k.upper()}": str(v) for k, v in MONITOR.items()}
-    drifted = subprocess.run([*COMMAND, "monitor", "check", "--json"], env=env, capture_output=True, text=True)
+    drifted = subprocess.run([*VISIONLOOP, "monitor", "check", "--json"], env=env, capture_output=True, text=True)
     assert drifted.returncode == 1, drifted.stderr
     assert json.loads(drifted.stdout)["status"] == "drifted"
     # the window is only the newest 30 predictions: in-distribution again once they are clean
     calm = subprocess.run(
-        [*COMMAND, "monitor", "check", "--window-size", "30", "--set", "monitor.window_seconds=0.001"],
+        [*VISIONLOOP, "monitor", "check", "--window-size", "30", "--set", "monitor.window_seconds=0.001"],
         env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert calm.returncode == 0, calm.stdout + calm.stderr
     assert "insufficient_data" in calm.stdout
     broken = subprocess.run(
-        [*COMMAND, "monitor", "check", "--model-version", "99"], env=env, capture_output=True, text=True
+        [*VISIONLOOP, "monitor", "check", "--model-version", "99"], env=env, capture_output=True, text=True
     )
     assert broken.returncode == 2 and "no_reference" in broken.stdout
+
+
+def test_monitor_report_writes_the_html_of_a_fresh_check(settings, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VISIONLOOP_", "MLFLOW_"))}
+    env |= {"VISIONLOOP_HOME": str(settings.home), "VISIONLOOP_REGISTRY__MODEL_NAME": "monitored"}
+    env |= {f"VISIONLOOP_MONITOR__{k.upper()}": str(v) for k, v in MONITOR.items()}
+    out = tmp_path / "drift.html"
+    done = subprocess.run([*VISIONLOOP, "monitor", "report", "-o", str(out)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "drifted, 100 predictions" in done.stdout
+    html = out.read_text()
+    assert "Drift report" in html and html.count("<img") == 5 and "mmd:embedding" in html
 
 
 def test_monitor_service_serves_drift_and_metrics(settings):

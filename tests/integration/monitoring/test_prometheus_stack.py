@@ -25,7 +25,6 @@ from stack import (  # this folder is on sys.path (no __init__.py)
     WebhookReceiver,
     alertmanager_config,
     binary,
-    free_port,
     prometheus_config,
     start_alertmanager,
     start_prometheus,
@@ -35,6 +34,7 @@ from stack import (  # this folder is on sys.path (no __init__.py)
 )
 from traffic import held_out_uploads, inverted, publish, shuffled
 
+from localhost import free_port  # tests/localhost.py
 from visionloop.config import Settings
 from visionloop.data.preprocess import Dataset
 

@@ -7,7 +7,6 @@ the endpoint from the standard AWS variables (AWS_ENDPOINT_URL), nothing special
 from __future__ import annotations
 
 import io
-import socket
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,28 +14,9 @@ from typing import Any
 
 import pytest
 
+from localhost import free_port  # tests/localhost.py (tests/ is on sys.path)
 from visionloop.data.sources import ingest
 from visionloop.errors import DataError
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "visionloop-test",
-        "AWS_SECRET_ACCESS_KEY": "visionloop-test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": s3_endpoint,
-    }.items():
-        monkeypatch.setenv(name, value)
-    import boto3
-
-    return boto3.client("s3")
 
 
 def upload_folder(client: Any, folder: Path, bucket: str, prefix: str) -> None:
@@ -83,7 +63,7 @@ def test_s3_missing_bucket_is_a_clear_error(s3: Any, tmp_home: Path) -> None:
 
 
 def test_s3_endpoint_down_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_home: Path) -> None:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

@@ -8,7 +8,6 @@ PostgreSQL is tests/integration/monitoring/test_store_postgres.py.
 from __future__ import annotations
 
 import io
-import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 from PIL import Image
 
+from localhost import free_port  # tests/ is on sys.path (no __init__.py)
 from monitoring_rows import CLASSES, T0, prediction  # tests/ is on sys.path (no __init__.py)
 from visionloop.config import Settings
 from visionloop.monitoring.images import ImageStore, image_key
@@ -558,12 +558,6 @@ def test_retention_runs_in_the_background_of_a_writer(url):
 
 
 # ------------------------------------------------------------------------------------------- URLs and outages
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_urls_are_normalised_and_passwords_masked():
     assert normalise_url("postgresql://u:pw@h:5/db") == "postgresql+psycopg://u:pw@h:5/db"
     assert normalise_url("postgres://u@h/db") == "postgresql+psycopg://u@h/db"
@@ -572,7 +566,7 @@ def test_urls_are_normalised_and_passwords_masked():
 
 
 def test_a_reader_of_an_unreachable_store_gets_a_clear_error():
-    url = f"postgresql://monitor:s3cret@127.0.0.1:{closed_port()}/predictions"
+    url = f"postgresql://monitor:s3cret@127.0.0.1:{free_port()}/predictions"
     with pytest.raises(StoreError) as caught:
         PredictionStore(url, writer=False, timeout=2)
     message = str(caught.value)
@@ -581,7 +575,7 @@ def test_a_reader_of_an_unreachable_store_gets_a_clear_error():
 
 
 def test_a_writer_of_an_unreachable_store_queues_and_never_blocks(metrics):
-    url = f"postgresql://server:s3cret@127.0.0.1:{closed_port()}/predictions"
+    url = f"postgresql://server:s3cret@127.0.0.1:{free_port()}/predictions"
     store = PredictionStore(url, timeout=2, metrics=metrics.store)  # the server starts anyway
     store.record_model("pets", "1", "ds-abc", CLASSES)
     store.append([prediction("r1"), prediction("r2")])
@@ -625,17 +619,8 @@ def test_settings_name_the_embedded_store_and_its_images(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- images on S3
-def test_images_kept_in_s3(s3_endpoint, monkeypatch, url):
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "visionloop-test",
-        "AWS_SECRET_ACCESS_KEY": "visionloop-test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": s3_endpoint,
-    }.items():
-        monkeypatch.setenv(name, value)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="kept")
+def test_images_kept_in_s3(s3, url):
+    s3.create_bucket(Bucket="kept")
     images = ImageStore("s3://kept/traffic", 10 * 2**20)
     a = png_bytes(7)
     store = PredictionStore(url, images=images, retention_rows=1)
@@ -643,7 +628,7 @@ def test_images_kept_in_s3(s3_endpoint, monkeypatch, url):
         store.record_model("pets", "1", "ds-abc", CLASSES)
         store.append([prediction("r1", image=a, time=T0), prediction("r2", image=png_bytes(8), time=T0 + 1)])
         store.flush()
-        listed = boto3.client("s3").list_objects_v2(Bucket="kept", Prefix="traffic/")["Contents"]
+        listed = s3.list_objects_v2(Bucket="kept", Prefix="traffic/")["Contents"]
         assert sorted(o["Key"] for o in listed) == sorted(f"traffic/{image_key(x)}" for x in (a, png_bytes(8)))
         assert images.open(image_key(a)) == a
         assert store.enforce_retention() == 1  # r1 goes, and its image with it
