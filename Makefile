@@ -7,11 +7,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run serve test lint format install clean bench help
+.PHONY: run serve demo test lint format install clean bench help
 
 help:
 	@echo "make run    - install (first time), run ingest→…→promote on the built-in digits, serve the champion"
 	@echo "make serve  - serve the current champion on http://127.0.0.1:8000 (Ctrl-C stops it)"
+	@echo "make demo   - the closed loop end to end: drift, retrain, promotion, rollback (a few minutes)"
 	@echo "make test   - install (first time), ruff, then the whole pytest suite"
 	@echo "make bench  - run the benchmarks in benchmarks/ (drift.py alone takes about 11 minutes)"
 	@echo "make clean  - remove .venv and the local project data (.visionloop/)"
@@ -26,6 +27,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/visionloop run $(ARGS)
 	$(BIN)/visionloop serve
+
+demo: $(STAMP)
+	$(BIN)/visionloop demo $(ARGS)
 
 serve: $(STAMP)
 	$(BIN)/visionloop serve $(ARGS)

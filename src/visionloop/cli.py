@@ -23,6 +23,7 @@ from visionloop.config import Settings
 from visionloop.console import STATE, JsonOpt, SetOpt, console, describe, err, settings_from
 from visionloop.console import print_json as _print_json
 from visionloop.errors import Reported, VisionloopError
+from visionloop.loop.commands import app as loop_app
 from visionloop.monitoring.commands import app as monitor_app
 from visionloop.pipeline.commands import add_stage_commands, run_command
 from visionloop.pipeline.dataflow import STEPS
@@ -40,7 +41,9 @@ environment, or as --set group.key=value. Flags win over the environment, which 
 
 app = typer.Typer(help=HELP, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich")
 data_app = typer.Typer(help="Ingest, validate and preprocess image data.", no_args_is_help=True)
-models_app = typer.Typer(help="Inspect the registry: versions, alias history, rollback.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Inspect the registry: versions, alias history, rollback, a forced promotion.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 pipeline_app = typer.Typer(
@@ -49,6 +52,7 @@ pipeline_app = typer.Typer(
 )
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(monitor_app, name="monitor")
+app.add_typer(loop_app, name="loop")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -162,6 +166,40 @@ def models_rollback(
         _print_json(asdict(event))
     else:
         console.print(f"champion rolled back: v{event.from_version} → v{event.to_version}")
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="The registered version to make champion.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Required: this skips the gate (use `visionloop promote` for the gate).")
+    ] = False,
+    reason: Annotated[str, typer.Option(help="Why; stored in the alias history.")] = "promoted by hand",
+    model_name: NameOpt = None,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make VERSION the champion without the gate: an operator's override, recorded in the history.
+
+    A running `visionloop loop` notices the promotion and runs its post-promotion analysis on it, and rolls
+    it back if its live accuracy fails (see docs/loop.md)."""
+    from dataclasses import asdict
+
+    from visionloop import registry
+
+    if not force:
+        raise VisionloopError(
+            "models promote skips the quality gate: add --force to mean it, or use `visionloop promote --version "
+            f"{version}` to run the gate"
+        )
+    settings = settings_from(sets, **{"registry.model_name": model_name})
+    event = registry.force_champion(settings, version, reason)
+    if as_json:
+        _print_json(asdict(event))
+    else:
+        console.print(
+            f"champion: v{event.from_version} → v{event.to_version} (forced: {escape(reason)})", highlight=False
+        )
 
 
 # ------------------------------------------------------------------------------------------ pipeline (Kubeflow)
@@ -359,6 +397,44 @@ def serve_cmd(
         )
 
     serve(settings, access_log=access_log, on_started=announce)
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: Annotated[
+        Path, typer.Option(help="Folder for everything the demo makes (replaced if an earlier demo made it).")
+    ] = Path(".visionloop-demo"),
+    fast: Annotated[bool, typer.Option(help="Smaller models (about 6 s a training instead of 45 s).")] = False,
+    alerting: Annotated[
+        bool | None,
+        typer.Option(
+            "--alerting/--no-alerting",
+            help="Drive the loop through Prometheus and Alertmanager (default: when both are installed).",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole closed loop on the built-in digits, unattended, in a few minutes.
+
+    Trains a champion; starts serve, monitor and loop (and Prometheus + Alertmanager when installed); sends
+    in-distribution traffic (no alarm), then inverted digits with feedback: drift is detected, the loop
+    retrains, the gate promotes, the server reloads and accuracy on the shifted traffic recovers. Then it
+    forces a bad model through and the loop rolls it back. Ends with a summary table, an HTML drift report
+    and an accuracy plot.
+
+    Examples:
+
+      visionloop demo                     # or: make demo
+
+      visionloop demo --fast --workdir /tmp/demo --json
+    """
+    from visionloop.loop.demo import Demo, print_summary
+
+    summary = Demo(workdir, fast=fast, alerting=alerting, console=err).run()
+    if as_json:
+        _print_json(summary.to_dict())
+    else:
+        print_summary(summary, console)
 
 
 def _fail(message: str, code: int) -> None:

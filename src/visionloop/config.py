@@ -265,6 +265,131 @@ class MonitorSettings(_Group):
     )
 
 
+class LoopSettings(_Group):
+    """The closed loop: what starts a retrain, what it trains on, the two-test-set gate and the watch after it."""
+
+    host: str = Field("127.0.0.1", description="Address `visionloop loop` listens on (0.0.0.0 in a container).")
+    port: int = Field(8002, ge=0, le=65535, description="Port of `visionloop loop` (POST /alerts, /metrics, /runs).")
+    triggers: list[Literal["alert", "verdict", "accuracy", "schedule"]] = Field(
+        ["alert", "verdict", "accuracy"],
+        description="What may start a retrain: an Alertmanager webhook (alert), the monitor's stored drift verdict "
+        "(verdict), live accuracy under monitor.min_accuracy on enough labels (accuracy), loop.schedule_seconds.",
+    )
+    alerts: list[str] = Field(
+        ["VisionloopDriftDetected", "VisionloopLiveAccuracyLow"],
+        description="Alert names whose firing notifications start a retrain; other alerts are acknowledged and ignored.",
+    )
+    webhook_token: str = Field(
+        "", description="Bearer token POST /alerts requires (Alertmanager's http_config.authorization); empty: open."
+    )
+    interval_seconds: float = Field(
+        15.0,
+        gt=0,
+        description="How often the watcher looks at the verdict, live accuracy, the schedule and the champion.",
+    )
+    schedule_seconds: float = Field(
+        0.0,
+        ge=0,
+        description="With the schedule trigger: retrain this long after the last retrain started (0 = never).",
+    )
+    cooldown_seconds: float = Field(
+        600.0, ge=0, description="After a retrain ends, triggers are acknowledged but start nothing for this long."
+    )
+    lock_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Lease of the loop lock in the prediction store (renewed while a retrain runs): two loop processes "
+        "never retrain at once, and one that died frees it after this long.",
+    )
+    min_labels: int = Field(
+        50,
+        ge=1,
+        description="Fewest usable labelled production images (kept image, known class) a retrain needs; below it a "
+        "trigger waits for more feedback.",
+    )
+    min_new_labels: int = Field(
+        20,
+        ge=0,
+        description="A retrain needs at least this many labels newer than the last retrain's: the same data is never "
+        "trained on twice.",
+    )
+    label_max_age_days: float = Field(30.0, gt=0, description="Labels older than this are not used for retraining.")
+    max_production_share: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="Cap on the production images' share of a retrain dataset (the newest are kept), so a flood of "
+        "labels cannot outweigh the curated training data.",
+    )
+    production_test_fraction: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="Share of the labelled production images held out (never trained on) as the gate's second test set.",
+    )
+    executor: Literal["local", "kubeflow"] = Field(
+        "local",
+        description="Where a retrain runs: local (the runner, in the loop's process) or kubeflow (the loop submits the "
+        "pipeline to loop.kfp_host and waits, so training runs on the cluster's GPU nodes).",
+    )
+    kfp_host: str = Field("", description="Kubeflow Pipelines API URL for executor kubeflow.")
+    kfp_namespace: str = Field("", description="Kubernetes namespace (Kubeflow profile) of the submitted runs.")
+    kfp_image: str = Field("", description="Image the pipeline's steps run in (default: the pipeline's default image).")
+    kfp_timeout_seconds: float = Field(
+        7200.0, gt=0, description="Longest a submitted pipeline run may take before the loop marks the retrain failed."
+    )
+    dataset_url: str = Field(
+        "",
+        description="Where the retrain dataset is written: empty is <home>/loop/datasets; for executor kubeflow an "
+        "object-store URL the pods can read (s3://bucket/visionloop/retrain).",
+    )
+    old_test_tolerance: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Gate: the challenger may be at most this much less accurate than the champion on the original "
+        "test set (poisoned labels alone cannot promote a model that got worse on it).",
+    )
+    min_production_gain: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Gate: the challenger must beat the champion on the held-out production slice by more than 0 and "
+        "by at least this much.",
+    )
+    min_production_test: int = Field(
+        15, ge=1, description="Gate: fewest held-out production images for the production slice to count."
+    )
+    reload_urls: list[str] = Field(
+        [],
+        description="Servers to POST /admin/reload after a promotion or rollback (with serve.admin_token), so they "
+        "switch at once instead of at their next poll.",
+    )
+    analysis_interval_seconds: float = Field(
+        30.0, gt=0, description="Post-promotion analysis: seconds between two measurements."
+    )
+    analysis_count: int = Field(10, ge=1, le=1000, description="Post-promotion analysis: number of measurements.")
+    analysis_min_accuracy: float = Field(
+        0.9, ge=0, le=1, description="Success condition: live accuracy of the new champion at least this."
+    )
+    analysis_min_feedback: int = Field(
+        20, ge=1, description="A measurement with fewer feedback labels on the new champion is inconclusive."
+    )
+    analysis_max_error_ratio: float = Field(
+        0.05, ge=0, le=1, description="Success condition with loop.prometheus_url: 5xx share of requests at most this."
+    )
+    analysis_failure_limit: int = Field(
+        1, ge=0, description="Failed measurements tolerated; one more ends the analysis failed and rolls back."
+    )
+    analysis_on_inconclusive: Literal["keep", "rollback"] = Field(
+        "keep", description="When every measurement was inconclusive (too little feedback): keep or roll back."
+    )
+    prometheus_url: str = Field(
+        "", description="Prometheus the analysis asks for the 5xx ratio (http://prometheus:9090); empty: not measured."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VISIONLOOP_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -278,6 +403,7 @@ class Settings(BaseSettings):
     registry: RegistrySettings = RegistrySettings()
     serve: ServeSettings = ServeSettings()
     monitor: MonitorSettings = MonitorSettings()
+    loop: LoopSettings = LoopSettings()
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> Settings:

@@ -27,6 +27,10 @@ class RegistryError(VisionloopError):
     """The MLflow store refused an operation, or a model/alias/version does not exist."""
 
 
+class PipelineError(VisionloopError):
+    """A pipeline run (local or on Kubeflow) ended without the result it should have produced."""
+
+
 class Reported(VisionloopError):
     """A failure a training process has already reported on its own output: exit with its code, say nothing more."""
 

@@ -719,14 +719,17 @@ def _load(settings: Settings, ref: str, dest: Path) -> OnnxClassifier:
 
 
 @_store_operation
-def rollback(settings: Settings, reason: str = "manual rollback") -> AliasEvent:
-    """Move ``champion`` back to the version that was champion before the current one."""
+def rollback(settings: Settings, reason: str = "manual rollback", expected: str | None = None) -> AliasEvent:
+    """Move ``champion`` back to the version that was champion before the current one (only if the
+    current one is ``expected``, when given)."""
     name = settings.registry.model_name
     client = _client(settings)
     with _store_errors(settings.tracking_uri), _model_lock(client, settings) as still_held:
         current = _aliases(client, name).get(CHAMPION)
         if current is None:
             raise RegistryError(f"{name} has no champion to roll back")
+        if expected is not None and current != expected:
+            raise _ChampionMoved(f"champion is v{current}, not v{expected}: nothing rolled back")
         for event in reversed(_events(client, name)):
             if event.alias == CHAMPION and event.to_version == current and event.kind == "promote":
                 if event.from_version is None:
@@ -771,3 +774,214 @@ def list_versions(settings: Settings) -> list[dict[str, Any]]:
             }
         )
     return sorted(rows, key=lambda r: int(r["version"]))
+
+
+# ---------------------------------------------------------------- the closed loop's registry calls
+
+# (the challenger's accuracy on each test set, the champion's (None: not comparable), the champion's version)
+Rule = Callable[[dict[str, float], dict[str, float] | None, str | None], tuple[bool, list[str]]]
+
+
+class RuleDecision(BaseModel):
+    """A gate decision on several named test sets (the loop's: the original test set and the production slice)."""
+
+    version: str
+    promoted: bool
+    challenger: dict[str, float]
+    champion_version: str | None
+    champion: dict[str, float] | None
+    reasons: list[str]
+
+
+@_store_operation
+def promote_by_rule(
+    settings: Settings,
+    version: str,
+    test_sets: dict[str, tuple[np.ndarray, np.ndarray]],
+    rule: Rule,
+    reason_prefix: str = "",
+    tag_prefix: str = "gate",
+) -> RuleDecision:
+    """Score challenger and champion on every test set with ONNX Runtime; move champion if ``rule`` says so.
+
+    Like ``promote_if_better``, the rule decides under the model's lock against the champion of that
+    moment, so two promotions never both land. A version marked ``rolled_back`` is never promoted again,
+    and a version that is already the champion is reported as promoted (a retried call moves nothing)."""
+    name = settings.registry.model_name
+    client = _client(settings)
+    with _store_errors(settings.tracking_uri), tempfile.TemporaryDirectory(prefix="visionloop-gate-") as tmp:
+        seen = _aliases(client, name).get(CHAMPION)
+        challenger = _load(settings, version, Path(tmp) / f"v{version}")
+        mine = {key: challenger.accuracy(x, y) for key, (x, y) in test_sets.items()}
+        scores: dict[str, dict[str, float] | None] = {}
+
+        def champion_scores(champion_version: str) -> dict[str, float] | None:
+            if champion_version not in scores:
+                champion = _load(settings, champion_version, Path(tmp) / f"v{champion_version}")
+                comparable = (
+                    champion.input_shape == challenger.input_shape
+                    and champion.card["classes"] == challenger.card["classes"]
+                )
+                scores[champion_version] = (
+                    {key: champion.accuracy(x, y) for key, (x, y) in test_sets.items()} if comparable else None
+                )
+            return scores[champion_version]
+
+        if seen not in (None, version):
+            champion_scores(seen)  # the slow part, before the lock
+        with _model_lock(client, settings) as still_held:
+            champion_version = _aliases(client, name).get(CHAMPION)
+            if champion_version == version:
+                return RuleDecision(
+                    version=version,
+                    promoted=True,
+                    challenger=mine,
+                    champion_version=version,
+                    champion=mine,
+                    reasons=[f"v{version} is already the champion"],
+                )
+            tags = client.get_model_version(name, version).tags
+            if tags.get("rolled_back") == "true":
+                promoted, reasons = False, [f"v{version} was rolled back before: it is not promoted again"]
+                theirs = None if champion_version is None else champion_scores(champion_version)
+            else:
+                theirs = None if champion_version is None else champion_scores(champion_version)
+                promoted, reasons = rule(mine, theirs, champion_version)
+            record = {
+                f"{tag_prefix}.decision": "promoted" if promoted else "rejected",
+                f"{tag_prefix}.reasons": " | ".join(reasons)[:4900],
+                f"{tag_prefix}.challenger": json.dumps(mine),
+                f"{tag_prefix}.champion_version": champion_version or "",
+                f"{tag_prefix}.champion": json.dumps(theirs),
+                f"{tag_prefix}.time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+            still_held()
+            for key, value in record.items():
+                client.set_model_version_tag(name, version, key, value)
+            if promoted:
+                why = "; ".join(reasons)
+                _move_alias(
+                    client, name, CHAMPION, version, champion_version, "promote", f"{reason_prefix}{why}"[:4900]
+                )
+    return RuleDecision(
+        version=version,
+        promoted=promoted,
+        challenger=mine,
+        champion_version=champion_version,
+        champion=theirs,
+        reasons=reasons,
+    )
+
+
+@_store_operation
+def force_champion(settings: Settings, version: str, reason: str) -> AliasEvent:
+    """Move champion to ``version`` without the gate (an operator's override), recorded in the history
+    as a promotion with ``reason``; the loop's post-promotion analysis watches it like any other."""
+    name = settings.registry.model_name
+    client = _client(settings)
+    with _store_errors(settings.tracking_uri), _model_lock(client, settings) as still_held:
+        try:
+            client.get_model_version(name, version)
+        except Exception as exc:
+            if _missing(exc):
+                raise RegistryError(f"{name} has no version {version}") from None
+            raise
+        current = _aliases(client, name).get(CHAMPION)
+        if current == version:
+            raise RegistryError(f"v{version} is already the champion")
+        still_held()
+        client.set_model_version_tag(name, version, "gate.forced", reason[:4900])
+        return _move_alias(client, name, CHAMPION, version, current, "promote", f"forced: {reason}"[:4900])
+
+
+@_store_operation
+def rollback_version(settings: Settings, version: str, reason: str) -> AliasEvent | None:
+    """Roll champion back from ``version``, if it still is the champion; None when it no longer is.
+
+    The loop's rollback: a retry after a crash (the alias moved, the loop's record did not) moves nothing."""
+    name = settings.registry.model_name
+    client = _client(settings)
+    with _store_errors(settings.tracking_uri):
+        if _aliases(client, name).get(CHAMPION) != version:
+            return None
+    try:
+        return rollback(settings, reason, expected=version)
+    except _ChampionMoved:
+        return None
+
+
+class _ChampionMoved(RegistryError):
+    pass
+
+
+@_store_operation
+def last_event(settings: Settings, to_version: str, kind: str | None = None) -> AliasEvent | None:
+    """The newest champion event that moved it to ``to_version`` (of ``kind``: promote | rollback)."""
+    with _store_errors(settings.tracking_uri):
+        events = _events(_client(settings), settings.registry.model_name)
+    for event in reversed(events):
+        if event.alias == CHAMPION and event.to_version == to_version and kind in (None, event.kind):
+            return event
+    return None
+
+
+@_store_operation
+def version_tags(settings: Settings, version: str) -> dict[str, str]:
+    name = settings.registry.model_name
+    with _store_errors(settings.tracking_uri):
+        return dict(_client(settings).get_model_version(name, version).tags)
+
+
+@_store_operation
+def tag_version(settings: Settings, version: str, tags: dict[str, str]) -> None:
+    name = settings.registry.model_name
+    client = _client(settings)
+    with _store_errors(settings.tracking_uri):
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, str(value)[:4900])
+
+
+@_store_operation
+def tag_run(settings: Settings, run_id: str, tags: dict[str, str]) -> None:
+    client = _client(settings)
+    with _store_errors(settings.tracking_uri):
+        for key, value in tags.items():
+            client.set_tag(run_id, key, str(value)[:4900])
+
+
+@_store_operation
+def runs_tagged(settings: Settings, key: str, value: str) -> list[tuple[str, str]]:
+    """(run id, status) of the experiment's runs whose tag ``key`` is ``value``, newest first."""
+    client = _client(settings)
+    with _store_errors(settings.tracking_uri):
+        experiment = client.get_experiment_by_name(settings.registry.experiment)
+        if experiment is None:
+            return []
+        found = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`{key}` = '{value}'", order_by=["start_time DESC"]
+        )
+    return [(run.info.run_id, run.info.status) for run in found]
+
+
+@_store_operation
+def version_of_run(settings: Settings, run_id: str) -> str | None:
+    """The registered version made from MLflow run ``run_id``, if one was."""
+    name = settings.registry.model_name
+    client = _client(settings)
+    with _store_errors(settings.tracking_uri):
+        found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    return str(max(int(v.version) for v in found)) if found else None
+
+
+@_store_operation
+def runs_with_param(settings: Settings, key: str, value: str) -> list[str]:
+    """Run ids of the experiment's runs whose parameter ``key`` is ``value``, newest first."""
+    client = _client(settings)
+    with _store_errors(settings.tracking_uri):
+        experiment = client.get_experiment_by_name(settings.registry.experiment)
+        if experiment is None:
+            return []
+        found = client.search_runs(
+            [experiment.experiment_id], filter_string=f"params.`{key}` = '{value}'", order_by=["start_time DESC"]
+        )
+    return [run.info.run_id for run in found]

@@ -1,7 +1,7 @@
 """deploy/monitoring as the tools read it: Prometheus' own promtool and Alertmanager's amtool check the configs
 and run the rule unit tests; Grafana's generated dashboard types (grafana-foundation-sdk) load the dashboards;
 and the files are cross-checked against each other, against the metrics the code registers, and against
-the runbook (docs/monitoring.md).
+the runbooks (docs/monitoring.md; docs/loop.md for the loop's own alerts).
 
 promtool and amtool come from Debian's ``prometheus`` and ``prometheus-alertmanager`` packages: without
 them these tests skip, and under CI=true they fail.
@@ -29,8 +29,13 @@ RULES = MONITORING / "prometheus" / "rules" / "visionloop.rules.yml"
 RULE_TESTS = sorted((MONITORING / "prometheus" / "tests").glob("*.test.yml"))
 ALERTMANAGER_YML = MONITORING / "alertmanager" / "alertmanager.yml"
 DASHBOARDS = sorted((MONITORING / "grafana" / "dashboards").glob("*.json"))
+DOCS_URL = "https://github.com/visionloop/visionloop/blob/main/docs"
 RUNBOOK_DOC = ROOT / "docs" / "monitoring.md"
-RUNBOOK = "https://github.com/visionloop/visionloop/blob/main/docs/monitoring.md"
+RUNBOOK = f"{DOCS_URL}/monitoring.md"
+LOOP_RUNBOOK_DOC = ROOT / "docs" / "loop.md"
+LOOP_RUNBOOK = f"{DOCS_URL}/loop.md"
+# the closed loop's own alerts: runbooks in docs/loop.md, and routed to people, not to the loop's webhook
+LOOP_ALERT = re.compile(r"VisionloopLoop[A-Z]\w*")
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 SEVERITIES = {"critical", "warning", "info"}
 # metrics that carry a model_version label: a panel on the model-quality dashboard filters them by $model_version
@@ -55,6 +60,11 @@ def run(*command: str) -> str:
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
+
+
+def runbook_doc(alertname: str) -> tuple[Path, str]:
+    """The file holding an alert's runbook and the URL its runbook_url starts with."""
+    return (LOOP_RUNBOOK_DOC, LOOP_RUNBOOK) if LOOP_ALERT.fullmatch(alertname) else (RUNBOOK_DOC, RUNBOOK)
 
 
 def alert_rules() -> list[dict]:
@@ -106,13 +116,37 @@ def test_amtool_check_config_accepts_alertmanager_yml():
 
 def test_amtool_routes_every_visionloop_alert_to_the_loop():
     amtool = tool("amtool")
+    routed = 0
     for rule in alert_rules():
+        if LOOP_ALERT.fullmatch(rule["alert"]):
+            continue  # the loop's own: see the next test
         labels = [f"alertname={rule['alert']}", *(f"{k}={v}" for k, v in rule["labels"].items()), "model_version=3"]
         out = run(amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}", *labels)
         assert out.strip() == "visionloop-loop", (rule["alert"], out)
+        routed += 1
+    assert routed >= 13
     # an alert that is not visionloop's does not reach the loop
     out = run(amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}", "alertname=NodeDown")
     assert out.strip() == "null"
+
+
+def test_amtool_keeps_the_loops_own_alerts_away_from_the_loop():
+    """A loop that is down cannot take VisionloopLoopDown, and the loop ignores its own alerts anyway: they go to
+    the "null" receiver as shipped, where the team's on-call receiver belongs."""
+    amtool = tool("amtool")
+    loop_rules = [rule for rule in alert_rules() if LOOP_ALERT.fullmatch(rule["alert"])]
+    assert {rule["alert"] for rule in loop_rules} >= {
+        "VisionloopLoopDown", "VisionloopLoopRunFailed", "VisionloopLoopRolledBack", "VisionloopLoopStuck",
+        "VisionloopLoopErrors",
+    }  # fmt: skip
+    for rule in loop_rules:
+        labels = [f"alertname={rule['alert']}", *(f"{k}={v}" for k, v in rule["labels"].items()), "instance=l:8002"]
+        out = run(amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}", *labels)
+        assert out.strip() == "null", (rule["alert"], out)
+    # the route takes the loop's alerts only: the model alerts, same service label, still reach the loop
+    labels = ["alertname=VisionloopLiveAccuracyLow", "service=visionloop", "severity=critical", "model_version=3"]
+    out = run(amtool, "config", "routes", "test", f"--config.file={ALERTMANAGER_YML}", *labels)
+    assert out.strip() == "visionloop-loop"
 
 
 # --- the rules: conventions, and a promtool test for each alert --------------------------------------------
@@ -129,7 +163,7 @@ def test_every_alert_has_severity_service_and_the_annotations():
         annotations = rule["annotations"]
         assert set(annotations) >= {"summary", "description", "runbook_url"}, name
         assert annotations["summary"].strip() and annotations["description"].strip(), name
-        assert annotations["runbook_url"] == f"{RUNBOOK}#{name.lower()}", name
+        assert annotations["runbook_url"] == f"{runbook_doc(name)[1]}#{name.lower()}", name
         # one description per instance or job, not a bare sentence: it names what fired
         assert "$labels." in annotations["description"] or "$value" in annotations["description"], name
 
@@ -191,14 +225,23 @@ def _github_anchor(heading: str) -> str:
     return text.replace(" ", "-")
 
 
-def test_every_runbook_url_points_at_a_section_of_docs_monitoring_md():
-    wanted = sorted({rule["annotations"]["runbook_url"].split("#", 1)[1] for rule in alert_rules()})
-    assert RUNBOOK_DOC.is_file(), f"{RUNBOOK_DOC.relative_to(ROOT)} is missing; it needs a section per alert: {wanted}"
-    text = RUNBOOK_DOC.read_text()
-    headings = re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, flags=re.MULTILINE)
-    anchors = {_github_anchor(h) for h in headings} | set(re.findall(r'<a (?:id|name)="([^"]+)"', text))
-    missing = [anchor for anchor in wanted if anchor not in anchors]
-    assert not missing, f"docs/monitoring.md has no heading for the runbook anchors {missing}"
+def test_every_runbook_url_points_at_a_section_of_its_doc():
+    """docs/monitoring.md for the servers' and the monitor's alerts, docs/loop.md for the loop's."""
+    wanted: dict[Path, set[str]] = {}
+    for rule in alert_rules():
+        doc, url = runbook_doc(rule["alert"])
+        page, anchor = rule["annotations"]["runbook_url"].split("#", 1)
+        assert page == url, rule["alert"]
+        wanted.setdefault(doc, set()).add(anchor)
+    assert set(wanted) == {RUNBOOK_DOC, LOOP_RUNBOOK_DOC}
+    for doc, anchors_wanted in wanted.items():
+        name = doc.relative_to(ROOT)
+        assert doc.is_file(), f"{name} is missing; it needs a section per alert: {sorted(anchors_wanted)}"
+        text = doc.read_text()
+        headings = re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, flags=re.MULTILINE)
+        anchors = {_github_anchor(h) for h in headings} | set(re.findall(r'<a (?:id|name)="([^"]+)"', text))
+        missing = sorted(anchor for anchor in anchors_wanted if anchor not in anchors)
+        assert not missing, f"{name} has no heading for the runbook anchors {missing}"
 
 
 # --- the metric names: each one a real metric the code registers, or a recording rule ---------------------
@@ -208,12 +251,15 @@ def registered_metric_names() -> set[str]:
     from prometheus_client import CollectorRegistry
 
     from visionloop.config import MonitorSettings
+    from visionloop.loop.metrics import LoopMetrics
     from visionloop.monitoring.metrics import MonitorMetrics
     from visionloop.serving.metrics import ServingMetrics
 
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
     names: set[str] = set()
-    registries: list[CollectorRegistry] = [ServingMetrics().registry, MonitorMetrics(MonitorSettings()).registry]
+    registries: list[CollectorRegistry] = [
+        ServingMetrics().registry, MonitorMetrics(MonitorSettings()).registry, LoopMetrics().registry,
+    ]  # fmt: skip
     for registry in registries:
         for family in registry.collect():
             names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
@@ -232,6 +278,8 @@ def expressions() -> list[tuple[str, str]]:
 def test_every_metric_in_rules_and_dashboards_is_one_the_code_registers():
     known = registered_metric_names() | {rule["record"] for rule in recording_rules()} | {"up"}
     assert "visionloop_http_requests_total" in known and "visionloop_drift_detected" in known
+    # the loop's: counters, a histogram, and the Enums (a stateset, its one label named as the metric)
+    assert {"visionloop_loop_runs_total", "visionloop_loop_retrain_seconds_bucket", "visionloop_loop_phase"} <= known
     for where, expr in expressions():
         code = re.sub(r'"[^"]*"', '""', expr)  # label values are not metric names
         for name in re.findall(r"\b(?:visionloop_\w+|[a-z_]+:\w+:\w+)", code):
@@ -241,11 +289,13 @@ def test_every_metric_in_rules_and_dashboards_is_one_the_code_registers():
 # --- Prometheus and Alertmanager configs: what the rules and the loop rely on ------------------------------
 
 
-def test_prometheus_yml_scrapes_both_jobs_and_alerts_to_alertmanager():
+def test_prometheus_yml_scrapes_the_three_jobs_and_alerts_to_alertmanager():
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["visionloop-serve"]["static_configs"][0]["targets"] == ["127.0.0.1:8000"]
     assert jobs["visionloop-monitor"]["static_configs"][0]["targets"] == ["127.0.0.1:8001"]
+    assert jobs["visionloop-loop"]["static_configs"][0]["targets"] == ["127.0.0.1:8002"]
+    assert jobs["visionloop-loop"]["metrics_path"] == "/metrics"
     assert config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == ["127.0.0.1:9093"]
     matched = [p for pattern in config["rule_files"] for p in PROMETHEUS_YML.parent.glob(pattern)]
     assert matched == [RULES]
@@ -257,8 +307,13 @@ def test_prometheus_yml_scrapes_both_jobs_and_alerts_to_alertmanager():
 
 def test_alertmanager_sends_visionloop_alerts_to_the_loop_webhook():
     config = yaml.safe_load(ALERTMANAGER_YML.read_text())
-    (route,) = [r for r in config["route"]["routes"] if 'service="visionloop"' in r.get("matchers", [])]
-    assert route["receiver"] == "visionloop-loop"
+    routes = config["route"]["routes"]
+    (route,) = [r for r in routes if r["receiver"] == "visionloop-loop"]
+    assert route["matchers"] == ['service="visionloop"']
+    # the loop's own alerts take a route of their own first (the first match wins: no `continue`)
+    (own,) = [r for r in routes if 'alertname=~"VisionloopLoop.*"' in r.get("matchers", [])]
+    assert own["receiver"] == "null" and not own.get("continue", False)
+    assert routes.index(own) < routes.index(route)
     assert {"alertname", "model_version"} <= set(route["group_by"])
     (receiver,) = [r for r in config["receivers"] if r["name"] == "visionloop-loop"]
     (webhook,) = receiver["webhook_configs"]

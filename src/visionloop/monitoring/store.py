@@ -335,6 +335,22 @@ class PredictionStore:
             found = {row[0]: (int(row[1]), int(row[2])) for row in conn.execute(sa.union_all(*parts))}
         return [(v, *found[v]) for v in versions if found.get(v, (0, 0))[0]]
 
+    def accuracy_since(self, model_name: str, model_version: str, since: float, size: int) -> tuple[int, int]:
+        """(count, correct) over the newest ``size`` labels of one version given at or after ``since``:
+        the post-promotion analysis judges a new champion on its own traffic only."""
+        f = feedback_table.c
+        newest = (
+            sa.select(f.correct)
+            .where(f.model_name == model_name, f.model_version == model_version, f.time >= since)
+            .order_by(f.time.desc())
+            .limit(size)
+            .subquery()
+        )
+        query = sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(newest.c.correct), 0)).select_from(newest)
+        with self._read() as conn:
+            count, correct = conn.execute(query).one()
+        return int(count), int(correct)
+
     def last_prediction_time(self, model_name: str, model_version: str | None = None) -> float | None:
         """Time of the newest prediction of a version (of any version when None); one index lookup per version."""
         p = predictions_table.c

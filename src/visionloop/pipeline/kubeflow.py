@@ -520,3 +520,29 @@ def submit_pipeline(
         run_name=run_name,
         arguments=arguments,
     )
+
+
+def wait_for_run(host: str, run_id: str, timeout: float, namespace: str | None = None, poll: float = 15.0) -> str:
+    """Wait for a submitted run to finish; returns its final state (SUCCEEDED, FAILED, CANCELED, …).
+
+    Polls the run's state instead of holding one request open (``wait_for_run_completion`` does), so a
+    Kubeflow API that restarts meanwhile costs one poll, not the wait."""
+    import kfp
+    import kfp_server_api
+    import urllib3
+
+    deadline = time.monotonic() + timeout
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        client = kfp.Client(host=host.rstrip("/"), **({"namespace": namespace} if namespace else {}))
+        _bound_timeouts(client, 30.0)
+        while True:
+            try:
+                state = str(client.get_run(run_id).state or "")
+            except (kfp_server_api.ApiException, urllib3.exceptions.HTTPError, OSError):
+                state = ""  # asked again at the next poll; the deadline still holds
+            if state in {"SUCCEEDED", "FAILED", "CANCELED", "SKIPPED"}:
+                return state
+            if time.monotonic() > deadline:
+                return f"still {state or 'unknown'} after {timeout:g} s"
+            time.sleep(poll)

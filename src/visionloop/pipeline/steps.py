@@ -239,8 +239,10 @@ def train_step(
     resume_run_id: str | None = None,
     show_progress: bool = True,
     finish_run: bool = True,
+    run_tags: dict[str, str] | None = None,
 ) -> TrainOutput:
-    """Train with MLflow tracking; ``resume_run_id`` continues an interrupted run from its checkpoint.
+    """Train with MLflow tracking; ``resume_run_id`` continues an interrupted run from its checkpoint;
+    ``run_tags`` go on a new run (the closed loop's run id, trigger and reason).
 
     The run ends FINISHED (or stays RUNNING with ``finish_run=False``, for the steps that log into it
     next), FAILED on an error and KILLED on an interrupt: see ``run_status``."""
@@ -254,7 +256,7 @@ def train_step(
         run_id = registry.start_run(
             settings,
             run_name=work_dir.name,
-            tags={"dataset_version": manifest.version, "visionloop.work_dir": str(work_dir)},
+            tags={"dataset_version": manifest.version, "visionloop.work_dir": str(work_dir), **(run_tags or {})},
         )
     else:
         registry.connect(settings)

@@ -1,6 +1,8 @@
 """A real monitoring stack on 127.0.0.1 for the tests: Debian's Prometheus and Alertmanager run on configs made
 from deploy/monitoring (ports, intervals and the receiver URL changed, nothing else), a webhook receiver in a
-thread, and helpers to run `visionloop serve` / `visionloop monitor` and to ask Prometheus questions.
+thread, helpers to run `visionloop serve` / `visionloop monitor` and to ask Prometheus questions, and the
+expressions of the rules and dashboards (``rule_expressions``, ``panel_queries``; ``loop_expressions``, those
+that read the closed loop's metrics and so have data only where a `visionloop loop` is scraped).
 
 Every process is started here and stopped by its PID; every wait is bounded.
 """
@@ -30,6 +32,10 @@ from localhost import VISIONLOOP  # tests/localhost.py (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[3]
 MONITORING = ROOT / "deploy" / "monitoring"
+RULES = MONITORING / "prometheus" / "rules" / "visionloop.rules.yml"
+DASHBOARDS = sorted((MONITORING / "grafana" / "dashboards").glob("*.json"))
+# an expression on the loop's metrics: only a scraped `visionloop loop` gives it data
+LOOP_METRICS = re.compile(r'\bvisionloop_loop_\w+|job\s*=~?\s*"visionloop-loop"')
 # Grafana's variables, as a dashboard with "All" selected would send them (a range long enough for the test)
 GRAFANA_VARIABLES = {
     "$__rate_interval": "1m",
@@ -165,16 +171,21 @@ class WebhookReceiver:
         self.server.server_close()
 
 
-def prometheus_config(folder: Path, serve: str, monitor: str, prometheus: str, alertmanager: str) -> Path:
+def prometheus_config(
+    folder: Path, serve: str, monitor: str, prometheus: str, alertmanager: str, loop: str | None = None
+) -> Path:
     """deploy/monitoring/prometheus/prometheus.yml with the real addresses and a 1 s scrape/evaluation, and the
-    rules copied with every ``for:`` shortened to 2 s (the expressions unchanged)."""
+    rules copied with every ``for:`` shortened to 2 s (the expressions unchanged). Without ``loop`` (no
+    `visionloop loop` in the test) its job is left out: nothing to scrape, the loop's expressions stay empty."""
     config = yaml.safe_load((MONITORING / "prometheus" / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    targets = {"visionloop-serve": serve, "visionloop-monitor": monitor, "prometheus": prometheus}
+    targets = {"visionloop-serve": serve, "visionloop-monitor": monitor, "visionloop-loop": loop}
+    targets["prometheus"] = prometheus
+    config["scrape_configs"] = [job for job in config["scrape_configs"] if targets[job["job_name"]] is not None]
     for job in config["scrape_configs"]:
         job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
     config["alerting"]["alertmanagers"] = [{"static_configs": [{"targets": [alertmanager]}]}]
-    rules = yaml.safe_load((MONITORING / "prometheus" / "rules" / "visionloop.rules.yml").read_text())
+    rules = yaml.safe_load(RULES.read_text())
     for group in rules["groups"]:
         for rule in group["rules"]:
             if "for" in rule:
@@ -264,3 +275,34 @@ def substitute(expr: str) -> str:
         expr = expr.replace(variable, value)
     assert "$" not in expr, f"a Grafana variable this test does not know: {expr}"
     return expr
+
+
+def rule_expressions() -> list[tuple[str, str]]:
+    """(rule name, PromQL) of every alerting and recording rule."""
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [(r.get("alert") or r["record"], r["expr"]) for g in groups for r in g["rules"]]
+
+
+def panel_queries() -> list[tuple[str, str, str]]:
+    """(dashboard, panel title, PromQL with the variables filled in) of every target."""
+    out = []
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
+        for panel in panels:
+            out.extend((path.stem, panel["title"], substitute(t["expr"])) for t in panel.get("targets", []))
+    return out
+
+
+def uses_loop(expr: str) -> bool:
+    """Whether ``expr`` reads the closed loop's metrics (visionloop_loop_*, or anything of job visionloop-loop)."""
+    return LOOP_METRICS.search(expr) is not None
+
+
+def loop_expressions() -> list[tuple[str, str]]:
+    """(where, PromQL) of every rule and dashboard target on the loop's metrics: "rule <name>" or
+    "<dashboard> / <panel title>" (variables filled in). A stack without a `visionloop loop` can only check that
+    they evaluate; one with a real loop can assert that they return data."""
+    rules = [(f"rule {name}", expr) for name, expr in rule_expressions() if uses_loop(expr)]
+    panels = [(f"{dashboard} / {title}", expr) for dashboard, title, expr in panel_queries() if uses_loop(expr)]
+    return rules + panels

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from traffic import held_out_uploads, inverted, publish, shuffled  # this folder is on sys.path (no __init__.py)
 
 from localhost import VISIONLOOP  # tests/localhost.py
+from traffic import held_out_uploads, inverted, publish, shuffled  # tests/traffic.py
 from visionloop import registry
 from visionloop.config import Settings, ValidationPolicy
 from visionloop.data.preprocess import Dataset, PreprocessParams, preprocess

@@ -3,13 +3,13 @@ and a real `visionloop monitor`, with the rules of deploy/monitoring (only their
 Alertmanager on deploy/monitoring's config sending to a webhook receiver this test runs.
 
 In-distribution digits (with /feedback) first: every expression of the rules and of both dashboards evaluates,
-and every dashboard panel has data. Then inverted digits: VisionloopDriftDetected fires in Prometheus, and
+and every dashboard panel has data, except the closed loop's (no `visionloop loop` runs here: those only have
+to evaluate; ``stack.loop_expressions`` lists them for a test with a real loop). Then inverted digits: VisionloopDriftDetected fires in Prometheus, and
 Alertmanager delivers it to the webhook as the loop would receive it (payload version 4).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,24 +17,25 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from stack import (  # this folder is on sys.path (no __init__.py)
-    MONITORING,
     Process,
     PromAPI,
     WebhookReceiver,
     alertmanager_config,
     binary,
+    loop_expressions,
+    panel_queries,
     prometheus_config,
+    rule_expressions,
     start_alertmanager,
     start_prometheus,
     start_visionloop,
-    substitute,
+    uses_loop,
     wait_until,
 )
-from traffic import held_out_uploads, inverted, publish, shuffled
 
 from localhost import free_port  # tests/localhost.py
+from traffic import held_out_uploads, inverted, publish, shuffled
 from visionloop.config import Settings
 from visionloop.data.preprocess import Dataset
 
@@ -48,7 +49,6 @@ MONITOR = {
     "min_feedback": 10,
     "accuracy_window": 100,
 }
-DASHBOARDS = sorted((MONITORING / "grafana" / "dashboards").glob("*.json"))
 
 
 @dataclass
@@ -119,22 +119,6 @@ def stack(
         webhook.close()
 
 
-def rule_expressions() -> list[tuple[str, str]]:
-    groups = yaml.safe_load((MONITORING / "prometheus" / "rules" / "visionloop.rules.yml").read_text())["groups"]
-    return [(r.get("alert") or r["record"], r["expr"]) for g in groups for r in g["rules"]]
-
-
-def panel_queries() -> list[tuple[str, str, str]]:
-    """(dashboard, panel title, PromQL with the variables filled in) of every target."""
-    out = []
-    for path in DASHBOARDS:
-        dashboard = json.loads(path.read_text())
-        panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", []))]
-        for panel in panels:
-            out.extend((path.stem, panel["title"], substitute(t["expr"])) for t in panel.get("targets", []))
-    return out
-
-
 def test_the_stack_scrapes_the_real_route_labels(stack):
     def routes() -> set[str]:
         return {s["metric"]["route"] for s in stack.prometheus.query("visionloop_http_requests_total")}
@@ -147,6 +131,7 @@ def test_the_stack_scrapes_the_real_route_labels(stack):
 
 
 def test_every_rule_and_dashboard_expression_evaluates(stack):
+    """The loop's expressions too: no loop is scraped here, but they must parse and evaluate (to nothing)."""
     checked = 0
     for _rule, expr in rule_expressions():
         stack.prometheus.query(expr)  # raises naming the expression on a parse or evaluation error
@@ -158,10 +143,16 @@ def test_every_rule_and_dashboard_expression_evaluates(stack):
             raise AssertionError(f"{dashboard} / {title}: {exc}") from None
         checked += 1
     assert checked >= 60
+    loop = loop_expressions()
+    assert {where for where, _ in loop} >= {f"rule {name}" for name in ("VisionloopLoopDown", "VisionloopLoopErrors")}
+    assert sum(where.startswith("visionloop-model-quality / ") for where, _ in loop) >= 6
+    for where, expr in loop:
+        assert stack.prometheus.query(expr) == [], f"{where}: data without a loop? {expr}"
 
 
 def test_every_dashboard_panel_has_data_after_traffic(stack):
-    queries = panel_queries()
+    # the closed loop's panels have data only where a `visionloop loop` is scraped: not in this stack
+    queries = [(d, t, e) for d, t, e in panel_queries() if not uses_loop(e)]
 
     def empty() -> list[str]:
         return [f"{d} / {t}: {e}" for d, t, e in queries if not stack.prometheus.query(e)]
