@@ -103,6 +103,11 @@ class GateSettings(_Group):
         description="A challenger must beat the champion's accuracy on the same test set by more "
         "than 0 and by at least this much.",
     )
+    promote: bool = Field(
+        True,
+        description="Whether the promote step may move champion. The closed loop sets it false for the pipeline runs "
+        "it submits to Kubeflow: its own two-test-set gate decides after the run.",
+    )
     parity_tolerance: float = Field(
         1e-4, gt=0, description="Largest allowed |ONNX - PyTorch| difference in softmax output."
     )

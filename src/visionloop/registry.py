@@ -698,6 +698,9 @@ def promote_if_better(
                 return decision(False, version, challenger_acc, [f"v{version} is already the champion"])
             champion_acc = None if champion_version is None else champion_accuracy(champion_version)
             promoted, reasons = decide(challenger_acc, champion_acc, champion_version, settings.gate)
+            if promoted and not settings.gate.promote:
+                promoted = False
+                reasons.append("gate.promote is false: champion is not moved here (the closed loop's gate decides)")
             tags = {
                 "gate.decision": "promoted" if promoted else "rejected",
                 "gate.reasons": " | ".join(reasons),

@@ -87,7 +87,12 @@ def relative_links(path: Path) -> list[str]:
     return [t for t in LINK.findall(prose(path)) if not re.match(r"^[a-z][a-z0-9+.-]*:", t, flags=re.IGNORECASE)]
 
 
-@pytest.mark.parametrize("doc", [LOOP_DOC, ROOT / "README.md", DOCS / "ko" / "README.md"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "doc",
+    [LOOP_DOC, ROOT / "README.md", DOCS / "ko" / "README.md", DOCS / "monitoring.md", DOCS / "serving.md",
+     ROOT / "deploy" / "monitoring" / "README.md"],
+    ids=lambda p: str(p.relative_to(ROOT)),
+)  # fmt: skip
 def test_relative_links_resolve_to_files_and_headings(doc: Path):
     links = relative_links(doc)
     assert links, f"{doc.name} has no relative links?"

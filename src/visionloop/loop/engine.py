@@ -39,7 +39,7 @@ from visionloop.errors import VisionloopError
 from visionloop.loop import analysis as analysis_mod
 from visionloop.loop import gate, retrain
 from visionloop.loop.metrics import LoopMetrics
-from visionloop.loop.state import LoopRun, LoopState
+from visionloop.loop.state import LoopBusy, LoopRun, LoopState
 from visionloop.loop.triggers import Trigger, from_accuracy, from_schedule, from_verdict
 from visionloop.monitoring.store import PredictionStore
 
@@ -75,7 +75,6 @@ class Engine:
         self.acks: deque[Ack] = deque(maxlen=200)
         self._busy = threading.Lock()  # one run at a time in this process
         self._stop = threading.Event()
-        self._seen_event: int | None = None  # the newest alias event the champion watch has looked at
         self.current: str | None = None  # the run in progress here
         # an alert the loop could not act on yet (busy, cool-down, too few labels): Alertmanager notifies a
         # group again only after repeat_interval, so the watcher offers it again until it starts or resolves
@@ -235,12 +234,14 @@ class Engine:
         if not events:
             return None
         newest = events[-1]
-        if self._seen_event is None:
-            handled = [r.data.get("event_seq") for r in self.state.runs(self.model_name, limit=200)]
-            self._seen_event = max([s for s in handled if isinstance(s, int)] + [newest.seq])
-        if newest.seq <= self._seen_event:
+        mark = f"champion_event_seq:{self.model_name}"
+        seen = self.state.mark(mark)
+        if seen is None:  # the loop's first look: what happened before it started is not its to judge
+            self.state.set_mark(mark, str(newest.seq))
             return None
-        self._seen_event = newest.seq
+        if newest.seq <= int(seen):
+            return None
+        self.state.set_mark(mark, str(newest.seq))
         if newest.kind != "promote":
             return None
         ours = any(r.data.get("version") == newest.to_version for r in self.state.runs(self.model_name, limit=50))
@@ -286,6 +287,8 @@ class Engine:
                 while run.phase != "done" and not self._stop.is_set():
                     still_held()
                     run = self._step(run)
+        except LoopBusy as exc:  # the lease was lost: another loop process owns the run now, it is not failed
+            log.warning("run %s: stopped in phase %s: %s", run.id, run.phase, exc)
         except Exception as exc:
             log.exception("run %s failed in phase %s", run.id, run.phase)
             self.metrics.errors.labels(_stage(run.phase)).inc()

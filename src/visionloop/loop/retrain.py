@@ -289,6 +289,8 @@ def train_kubeflow(settings: Settings, data: RetrainData, run_name: str) -> tupl
         raise ConfigError("loop.executor kubeflow needs loop.dataset_url, an object store the pods can read (s3://…)")
     source = upload(data.folder, loop.dataset_url)
     ours = retrain_settings(settings, source)
+    # the pipeline's own promote step judges on one test set; the loop's two-test-set gate decides afterwards
+    ours = ours.model_copy(update={"gate": ours.gate.model_copy(update={"promote": False})})
     submitted = kubeflow.submit_pipeline(
         loop.kfp_host,
         ours,

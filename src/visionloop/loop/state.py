@@ -72,6 +72,14 @@ locks_table = sa.Table(
     sa.Column("acquired_at", sa.Float(53), nullable=False),
 )
 
+marks_table = sa.Table(  # small values the loop must remember across processes (a CronJob's `loop once`)
+    "loop_marks",
+    metadata,
+    sa.Column("name", sa.String(255), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Float(53), nullable=False),
+)
+
 
 @dataclass
 class LoopRun:
@@ -299,6 +307,26 @@ class LoopState:
         k = locks_table.c
         with self._db("failed a write") as conn:
             conn.execute(locks_table.delete().where(k.name == name, k.holder == self.holder))
+
+    def mark(self, name: str) -> str | None:
+        """A remembered value (e.g. the newest alias event the champion watch has looked at), or None."""
+        m = marks_table.c
+        with self._db("failed a read") as conn:
+            return conn.execute(sa.select(m.value).where(m.name == name)).scalar()
+
+    def set_mark(self, name: str, value: str) -> None:
+        """Write a remembered value: one INSERT ... ON CONFLICT DO UPDATE, which SQLite and PostgreSQL both do."""
+        if self.engine.dialect.name == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        row = {"name": name, "value": value, "updated_at": time.time()}
+        statement = insert(marks_table).values(**row)
+        statement = statement.on_conflict_do_update(
+            index_elements=["name"], set_={"value": value, "updated_at": row["updated_at"]}
+        )
+        with self._db("failed a write") as conn:
+            conn.execute(statement)
 
     def lock_holder(self, name: str) -> tuple[str, float] | None:
         """(holder, expires_at) of the lease, or None; an expires_at in the past is a lease anyone may take."""

@@ -55,6 +55,9 @@ def test_two_holders_race_for_the_lock_and_the_loser_takes_it_after_expiry(postg
         run = states[0].create_run("pets", "alert", "drift")  # the run rows on the same server, merged
         states[1].update_run(run.id, phase="done", result="kept", data={"version": "3"})
         assert states[0].get_run(run.id).data == {"version": "3"} and states[0].unfinished("pets") == []
+        states[0].set_mark("champion_event_seq:pets", "7")  # INSERT, then ON CONFLICT DO UPDATE
+        states[1].set_mark("champion_event_seq:pets", "8")
+        assert states[0].mark("champion_event_seq:pets") == "8"
     finally:
         for s in states:
             s.close()

@@ -206,3 +206,15 @@ def test_an_unreachable_store_gives_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="cannot be reached"):
         state.acquire("retrain", 30)
     state.close()
+
+
+def test_marks_are_remembered_across_processes_and_overwritten(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    first, second = LoopState(url, holder="a"), LoopState(url, holder="b")
+    assert first.mark("champion_event_seq:m") is None
+    first.set_mark("champion_event_seq:m", "3")
+    assert second.mark("champion_event_seq:m") == "3"
+    second.set_mark("champion_event_seq:m", "4")
+    assert first.mark("champion_event_seq:m") == "4" and first.mark("other") is None
+    first.close()
+    second.close()

@@ -30,7 +30,7 @@ import yaml
 
 from localhost import VISIONLOOP  # tests/localhost.py (tests/ is on sys.path)
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[1]
 MONITORING = ROOT / "deploy" / "monitoring"
 RULES = MONITORING / "prometheus" / "rules" / "visionloop.rules.yml"
 DASHBOARDS = sorted((MONITORING / "grafana" / "dashboards").glob("*.json"))
