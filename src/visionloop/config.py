@@ -341,6 +341,7 @@ class LoopSettings(_Group):
     kfp_host: str = Field("", description="Kubeflow Pipelines API URL for executor kubeflow.")
     kfp_namespace: str = Field("", description="Kubernetes namespace (Kubeflow profile) of the submitted runs.")
     kfp_image: str = Field("", description="Image the pipeline's steps run in (default: the pipeline's default image).")
+    kfp_poll_seconds: float = Field(15.0, gt=0, description="How often the loop asks Kubeflow whether its run ended.")
     kfp_timeout_seconds: float = Field(
         7200.0, gt=0, description="Longest a submitted pipeline run may take before the loop marks the retrain failed."
     )

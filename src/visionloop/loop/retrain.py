@@ -299,7 +299,9 @@ def train_kubeflow(settings: Settings, data: RetrainData, run_name: str) -> tupl
         image=loop.kfp_image or kubeflow.DEFAULT_IMAGE,
         namespace=loop.kfp_namespace or None,
     )
-    state = kubeflow.wait_for_run(loop.kfp_host, submitted.run_id, loop.kfp_timeout_seconds, loop.kfp_namespace or None)
+    state = kubeflow.wait_for_run(
+        loop.kfp_host, submitted.run_id, loop.kfp_timeout_seconds, loop.kfp_namespace or None, loop.kfp_poll_seconds
+    )
     if state != "SUCCEEDED":
         raise PipelineError(f"Kubeflow run {submitted.run_id} ended {state}: {submitted.run_url}")
     found = registry.runs_with_param(settings, "data.source", source)
