@@ -79,6 +79,8 @@ def test_demo_closes_the_loop_and_rolls_back_a_bad_model(tmp_path: Path) -> None
     assert registry.alias_version(settings, registry.CHAMPION) == new
     assert registry.version_tags(settings, bad)["rolled_back"] == "true"
     assert registry.version_tags(settings, new)["visionloop.loop_run"] == retrain_run.id
+    assert registry.version_tags(settings, new)["loop.analysis"].startswith("successful (")
+    assert registry.version_tags(settings, bad)["loop.analysis"].startswith("failed (")
 
     import mlflow
 

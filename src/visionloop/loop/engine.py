@@ -117,6 +117,7 @@ class Engine:
                     ).model_dump()
                     data["event_seq"] = details.get("event_seq")
                 run = self.state.create_run(self.model_name, trigger.kind, trigger.reason, data)
+                self.current = run.id
                 if trigger.kind == "promotion":
                     run = self.state.update_run(run.id, phase="analysing")
                 ack = self._ack(trigger, "started", run_id=run.id)
@@ -139,6 +140,8 @@ class Engine:
         if last is not None and last.finished_at is not None and time.time() - last.finished_at < loop.cooldown_seconds:
             left = loop.cooldown_seconds - (time.time() - last.finished_at)
             return "cooldown", f"run {last.id} ended {last.result}; cool-down for another {left:.0f} s"
+        if trigger.kind == "schedule":
+            return None  # a schedule retrains on whatever labels there are, as a cron job would
         base = retrain.base_data(self.settings)
         production = retrain.production_images(self.settings, self.store, base.classes, base.hashes)
         usable = len(production.images)
@@ -469,6 +472,11 @@ class Engine:
         self.metrics.analysis.state(verdict)
         self.metrics.last_decision.set(time.time())
         run = self.state.update_run(run.id, data={"analysis": state.model_dump()})
+        from visionloop import registry
+
+        counts = state.counts()
+        summary = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+        registry.tag_version(self.settings, state.version, {"loop.analysis": f"{verdict} ({summary}) in run {run.id}"})
         if verdict == "failed" or (verdict == "inconclusive" and loop.analysis_on_inconclusive == "rollback"):
             return self.state.update_run(run.id, phase="rolling_back")
         result = {"successful": "promoted", "inconclusive": "inconclusive"}[verdict]
