@@ -119,5 +119,9 @@ def s3(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     }.items():
         monkeypatch.setenv(name, value)
     import boto3
+    import s3fs
 
+    # s3fs keeps one filesystem per set of arguments, and reads the endpoint when it makes one: a filesystem
+    # cached by an earlier module would still point at that module's (stopped) server
+    s3fs.S3FileSystem.clear_instance_cache()
     return boto3.client("s3")

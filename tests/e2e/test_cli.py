@@ -185,7 +185,6 @@ def test_a_better_model_is_promoted_and_rollback_restores_the_previous_champion(
     # an operator's override skips the gate only when meant (--force), and is recorded as one
     unforced = cli("models", "promote", "2")
     assert unforced.returncode == 2 and "add --force" in unforced.stderr and "Traceback" not in unforced.stderr
-    assert cli("models", "promote", "9", "--force").returncode == 2
     forced = cli.json("models", "promote", "2", "--force", "--reason", "hotfix")
     assert (forced["kind"], forced["from_version"], forced["to_version"]) == ("promote", "1", "2")
     assert forced["reason"] == "forced: hotfix"
@@ -193,7 +192,6 @@ def test_a_better_model_is_promoted_and_rollback_restores_the_previous_champion(
     # the loop, once: it takes the forced promotion as its starting point and finds nothing to act on
     once = cli.json("loop", "once")
     assert once == {"acks": [], "runs": []}
-    assert cli.json("loop", "history") == []
     assert "no loop runs yet" in cli.ok("loop", "history").stdout
     missing = cli("loop", "history", "--run", "lr-nope")
     assert missing.returncode == 2 and "no loop run lr-nope" in missing.stderr

@@ -33,7 +33,7 @@ def prepared(tmp_path: Path) -> Iterator[tuple[Path, dict[str, str]]]:
     config = tmp_path / "visionloop.yaml"
     config.write_text(yaml.safe_dump({
         "home": str(tmp_path / "home"), "registry": {"model_name": "faulty"},
-        "train": {"epochs": 30, "width": 16, "depth": 2, "patience": 100, "lr": 1e-2, "threads": 1},
+        "train": {"epochs": 16, "width": 16, "depth": 2, "patience": 100, "lr": 1e-2, "threads": 1},
         "gate": {"min_accuracy": 0.5}, "serve": {"poll_seconds": 0, "feedback_token": TOKEN},
         "loop": {"triggers": [], "interval_seconds": 0.5, "lock_seconds": 3, "min_labels": 50,
                  "analysis_count": 3, "analysis_interval_seconds": 2, "analysis_min_feedback": 1000,

@@ -89,7 +89,7 @@ def demo_settings(workdir: Path, fast: bool) -> dict[str, Any]:
         },
         "loop": {
             "interval_seconds": 1, "cooldown_seconds": 3600, "min_labels": 150, "min_new_labels": 20,
-            "min_production_test": 20, "analysis_count": 4, "analysis_interval_seconds": 3,
+            "min_production_test": 20, "analysis_count": 3 if fast else 4, "analysis_interval_seconds": 2 if fast else 3,
             "analysis_min_feedback": 20, "analysis_min_accuracy": 0.8 if fast else 0.9, "analysis_failure_limit": 1,
             "old_test_tolerance": 0.02,
         },
