@@ -7,16 +7,15 @@ those sizes), not the 16x16 arrays the dataset holds. The held-out files are fou
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from visionloop import registry
 from visionloop.config import Settings
 from visionloop.data.preprocess import SPLITS, Dataset
 from visionloop.data.sources import write_digits
+from visionloop.loop.demo import Traffic
 from visionloop.pipeline import steps
 
 
@@ -36,15 +35,8 @@ def held_out_uploads(dataset: Dataset, folder: Path, split: str = "test") -> lis
     return out
 
 
-def inverted(uploads: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
-    """The same digits, dark on light: a shift every detector should see."""
-    out = []
-    for data, label in uploads:
-        with Image.open(io.BytesIO(data)) as img:
-            buffer = io.BytesIO()
-            ImageOps.invert(img.convert("L")).save(buffer, format="PNG")
-        out.append((buffer.getvalue(), label))
-    return out
+# the same digits, dark on light: a shift every detector should see (the demo's own conversion)
+inverted = Traffic.inverted
 
 
 def shuffled(uploads: list[tuple[bytes, int]], seed: int = 0) -> list[tuple[bytes, int]]:

@@ -952,18 +952,22 @@ def tag_run(settings: Settings, run_id: str, tags: dict[str, str]) -> None:
             client.set_tag(run_id, key, str(value)[:4900])
 
 
-@_store_operation
-def runs_tagged(settings: Settings, key: str, value: str) -> list[tuple[str, str]]:
-    """(run id, status) of the experiment's runs whose tag ``key`` is ``value``, newest first."""
+def _search_runs(settings: Settings, filter_string: str) -> list[Any]:
+    """The experiment's runs that match ``filter_string``, newest first (none when there is no experiment yet)."""
     client = _client(settings)
     with _store_errors(settings.tracking_uri):
         experiment = client.get_experiment_by_name(settings.registry.experiment)
         if experiment is None:
             return []
-        found = client.search_runs(
-            [experiment.experiment_id], filter_string=f"tags.`{key}` = '{value}'", order_by=["start_time DESC"]
+        return list(
+            client.search_runs([experiment.experiment_id], filter_string=filter_string, order_by=["start_time DESC"])
         )
-    return [(run.info.run_id, run.info.status) for run in found]
+
+
+@_store_operation
+def runs_tagged(settings: Settings, key: str, value: str) -> list[tuple[str, str]]:
+    """(run id, status) of the experiment's runs whose tag ``key`` is ``value``, newest first."""
+    return [(run.info.run_id, run.info.status) for run in _search_runs(settings, f"tags.`{key}` = '{value}'")]
 
 
 @_store_operation
@@ -979,12 +983,4 @@ def version_of_run(settings: Settings, run_id: str) -> str | None:
 @_store_operation
 def runs_with_param(settings: Settings, key: str, value: str) -> list[str]:
     """Run ids of the experiment's runs whose parameter ``key`` is ``value``, newest first."""
-    client = _client(settings)
-    with _store_errors(settings.tracking_uri):
-        experiment = client.get_experiment_by_name(settings.registry.experiment)
-        if experiment is None:
-            return []
-        found = client.search_runs(
-            [experiment.experiment_id], filter_string=f"params.`{key}` = '{value}'", order_by=["start_time DESC"]
-        )
-    return [run.info.run_id for run in found]
+    return [run.info.run_id for run in _search_runs(settings, f"params.`{key}` = '{value}'")]

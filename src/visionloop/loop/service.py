@@ -137,25 +137,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Any:
 def run_service(settings: Settings, on_started: Any = None) -> None:
     """``visionloop loop``: serve until SIGINT/SIGTERM. A run in progress stops with the process and is
     taken up again by the next one (its phase is in the store)."""
-    import signal
+    from visionloop.serving.server import run_side_service
 
-    import uvicorn
-
-    from visionloop.serving.server import _Server
-
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    if not log.handlers:
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    config = uvicorn.Config(
-        create_app(settings), host=settings.loop.host, port=settings.loop.port, log_level="warning",
-        lifespan="on", timeout_graceful_shutdown=5,
-    )  # fmt: skip
-    server = _Server(config)
-    server.on_started = on_started
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda _signum, _frame: None)
-    server.run()
-    if not server.started:
-        raise SystemExit(1)
+    group = settings.loop
+    run_side_service(create_app(settings), group.host, group.port, log, on_started)

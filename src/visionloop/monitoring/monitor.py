@@ -247,25 +247,7 @@ def create_app(settings: Settings, monitor: Monitor | None = None) -> Any:
 
 def run_service(settings: Settings, on_started: Any = None) -> None:
     """``visionloop monitor``: serve until SIGINT/SIGTERM."""
-    import signal
+    from visionloop.serving.server import run_side_service
 
-    import uvicorn
-
-    from visionloop.serving.server import _Server
-
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    if not log.handlers:
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    config = uvicorn.Config(
-        create_app(settings), host=settings.monitor.host, port=settings.monitor.port, log_level="warning",
-        lifespan="on", timeout_graceful_shutdown=5,
-    )  # fmt: skip
-    server = _Server(config)
-    server.on_started = on_started
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda _signum, _frame: None)
-    server.run()
-    if not server.started:
-        raise SystemExit(1)
+    group = settings.monitor
+    run_side_service(create_app(settings), group.host, group.port, log, on_started)

@@ -59,3 +59,23 @@ def serve(settings: Settings, access_log: bool = False, on_started: Callable[[st
     server.run()
     if not server.started:  # the port was taken, the lifespan failed, …: uvicorn has said why
         raise SystemExit(1)
+
+
+def run_side_service(
+    app: Any, host: str, port: int, log: logging.Logger, on_started: Callable[[str, Any], None] | None = None
+) -> None:
+    """``visionloop monitor`` and ``visionloop loop``: serve ``app`` until SIGINT/SIGTERM, with ``log``'s lines on
+    stderr; exit 1 when it could not start (the port was taken, the lifespan failed)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    if not log.handlers:
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
+    server = _Server(config)
+    server.on_started = on_started
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda _signum, _frame: None)
+    server.run()
+    if not server.started:
+        raise SystemExit(1)
