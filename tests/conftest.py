@@ -45,6 +45,21 @@ def write_noise_png(
     return path
 
 
+# Tests that use the Docker engine (tests/deploy/conftest.py): the images are built once per process.
+DOCKER_FIXTURES = {"docker_engine", "base_image", "serve_image", "train_image", "local_registry"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for pytest-xdist's ``--dist loadgroup`` (``make test`` runs two workers): a test file's tests stay on
+    one worker, so its module fixtures (a trained model, a started server) are made once; every test that uses the
+    Docker engine goes to one worker, so one dockerd is started and the images are built once."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            uses_docker = DOCKER_FIXTURES & set(getattr(item, "fixturenames", ()))
+            item.add_marker(pytest.mark.xdist_group("docker" if uses_docker else item.nodeid.split("::")[0]))
+
+
 @pytest.fixture
 def tmp_home(tmp_path: Path) -> Path:
     home = tmp_path / "home"

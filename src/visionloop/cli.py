@@ -22,6 +22,7 @@ from visionloop import __version__
 from visionloop.config import Settings
 from visionloop.console import STATE, JsonOpt, SetOpt, console, describe, err, settings_from
 from visionloop.console import print_json as _print_json
+from visionloop.delivery.commands import app as images_app
 from visionloop.errors import Reported, VisionloopError
 from visionloop.loop.commands import app as loop_app
 from visionloop.monitoring.commands import app as monitor_app
@@ -53,6 +54,7 @@ pipeline_app = typer.Typer(
 app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(monitor_app, name="monitor")
 app.add_typer(loop_app, name="loop")
+app.add_typer(images_app, name="images")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -208,7 +210,7 @@ ImageOpt = Annotated[
     str | None,
     typer.Option(
         help="Container image every step runs in; it must have visionloop installed "
-        "(default ghcr.io/visionloop/visionloop:latest)."
+        "(default ghcr.io/visionloop/visionloop-train:0.1.0, built from deploy/docker/train.Dockerfile)."
     ),
 ]
 

@@ -46,7 +46,7 @@ from visionloop.config import Settings
 from visionloop.errors import ConfigError, VisionloopError
 from visionloop.pipeline import dataflow, steps
 
-DEFAULT_IMAGE = "ghcr.io/visionloop/visionloop:latest"
+DEFAULT_IMAGE = "ghcr.io/visionloop/visionloop-train:0.1.0"  # deploy/docker/train.Dockerfile
 PIPELINE_NAME = "visionloop"
 STEPS = tuple(step.name for step in dataflow.STEPS)
 # what travels in settings_json: the groups the steps read (not home, which is per pod, nor serve)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -164,3 +167,26 @@ def test_health_readiness_metrics_and_docs(champion_server):
         assert http.get("/docs").status_code == 200
         schema = http.get("/openapi.json").json()
         assert {"/predict", "/feedback", "/v2/models/{name}/infer", "/readyz"} <= set(schema["paths"])
+
+
+# ---------------------------------------------------------------- the deployment smoke test
+# .github/scripts/smoke.py, which cd.yml runs against the kind cluster, passes against a real server with a champion
+# (its failure paths are in tests/deploy/test_workflows.py).
+
+SMOKE = Path(__file__).resolve().parents[3] / ".github" / "scripts" / "smoke.py"
+
+
+def test_smoke_script_passes_against_a_real_server(champion_server) -> None:
+    done = subprocess.run(
+        [sys.executable, str(SMOKE), champion_server.url, "--timeout", "60"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "GET /v2/health/ready 200" in out
+    assert "model champion-model v1: input input UINT8 [-1, 1, 16, 16]" in out, out
+    assert "output probabilities FP32 [2, 10]" in out, out
+    assert "POST /v2/models/champion-model/infer 200 (batch 2)" in out
+    assert done.stdout.rstrip().endswith(f"smoke: passed against {champion_server.url}")

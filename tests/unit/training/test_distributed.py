@@ -350,7 +350,7 @@ def test_a_collective_without_its_peer_times_out_instead_of_hanging(tmp_path):
 
 # ---------------------------------------------------------------------------------- the PyTorchJob
 
-MANIFEST = Path(__file__).resolve().parents[3] / "deploy" / "kubeflow" / "pytorchjob.yaml"
+MANIFEST = Path(__file__).resolve().parents[3] / "deploy" / "k8s" / "components" / "gpu-training" / "pytorchjob.yaml"
 
 
 def manifest_documents() -> dict[str, dict[str, Any]]:
@@ -360,8 +360,6 @@ def manifest_documents() -> dict[str, dict[str, Any]]:
 
 
 def test_pytorchjob_manifest_has_what_the_training_operator_expects():
-    from visionloop.pipeline.kubeflow import DEFAULT_IMAGE
-
     documents = manifest_documents()
     assert set(documents) == {"ConfigMap", "PersistentVolumeClaim", "PyTorchJob"}
     job = documents["PyTorchJob"]
@@ -376,7 +374,7 @@ def test_pytorchjob_manifest_has_what_the_training_operator_expects():
         # the operator finds the container and the rendezvous port by these names
         assert container["name"] == "pytorch"
         assert {"name": "pytorchjob-port", "containerPort": 23456} in container["ports"]
-        assert container["image"] == DEFAULT_IMAGE
+        assert container["image"] == "visionloop-train"  # kustomize `images:` sets registry and tag per overlay
         assert container["resources"]["limits"]["nvidia.com/gpu"] == nproc, role  # one process per GPU
         assert container["resources"]["requests"]["nvidia.com/gpu"] == nproc, role
         assert container["envFrom"] == [{"configMapRef": {"name": "visionloop-training"}}]  # equal settings
