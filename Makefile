@@ -40,11 +40,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 # two pytest-xdist workers: much of the suite waits on real servers, Prometheus and Docker builds, so two workers on
-# two cores finish sooner; tests/conftest.py keeps each file (and everything that uses Docker) on one worker.
+# two cores finish sooner; tests/conftest.py keeps each file (and the files that use Docker) on one worker.
 # PYTEST_WORKERS=0 runs in this process.
 PYTEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests benchmarks

@@ -45,19 +45,51 @@ def write_noise_png(
     return path
 
 
-# Tests that use the Docker engine (tests/deploy/conftest.py): the images are built once per process.
-DOCKER_FIXTURES = {"docker_engine", "base_image", "serve_image", "train_image", "local_registry"}
+# The test files that use the Docker engine (tests/deploy/conftest.py's docker_engine, base_image, serve_image,
+# train_image, local_registry): under pytest-xdist they run on one worker, so one dockerd is started and the images
+# are built once.
+DOCKER_TEST_FILES = {"tests/deploy/test_container_images.py", "tests/deploy/test_compose.py"}
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for pytest-xdist's ``--dist loadgroup`` (``make test`` runs two workers): a test file's tests stay on
-    one worker, so its module fixtures (a trained model, a started server) are made once; every test that uses the
-    Docker engine goes to one worker, so one dockerd is started and the images are built once."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            uses_docker = DOCKER_FIXTURES & set(getattr(item, "fixturenames", ()))
-            item.add_marker(pytest.mark.xdist_group("docker" if uses_docker else item.nodeid.split("::")[0]))
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``make test`` runs two pytest-xdist workers: a test file's tests stay on one worker, so its module fixtures (a
+    trained model, a started server) are made once, and the Docker test files share one worker. (xdist's own
+    ``--dist loadgroup`` marks cannot do this with pytest 9: it renames ``item._nodeid``, which pytest 9 no longer
+    reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "docker" if path in DOCKER_TEST_FILES else path
+
+    return FileScheduling(config, log)
+
+
+# the images tests/deploy built in an xdist worker (tests/deploy/conftest.py hands them over), printed at the end
+BUILT_IMAGES: dict[str, dict] = {}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    for built in getattr(node, "workeroutput", {}).get("visionloop_images", []):
+        BUILT_IMAGES[built["kind"]] = built
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not BUILT_IMAGES:
+        return
+    from visionloop.delivery import images
+
+    terminalreporter.section("container images")
+    for built in BUILT_IMAGES.values():
+        terminalreporter.write_line(
+            f"{built['tag']}: {images.format_size(built['size'])} (built in {built['seconds']:.0f} s)"
+        )
+    if {"serve", "train"} <= BUILT_IMAGES.keys():
+        serve, train = BUILT_IMAGES["serve"], BUILT_IMAGES["train"]
+        terminalreporter.write_line(images.size_summary((serve["tag"], serve["size"]), (train["tag"], train["size"])))
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -97,6 +96,12 @@ def docker_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def base_image(docker_engine: str) -> str:
+    # where a public registry is reachable (GitHub's runners: ci.yml pulls it), the Dockerfiles' own kind of base
+    public = os.environ.get("VISIONLOOP_TEST_BASE_IMAGE")
+    if public:
+        if not images.image_exists(public, docker_engine):
+            pytest.fail(f"VISIONLOOP_TEST_BASE_IMAGE={public} is not on this machine: docker pull it first")
+        return public
     if shutil.which("debootstrap") is None:
         missing("debootstrap is not installed (Debian: apt-get install debootstrap): it makes the base image")
     return images.base_image(images.BASE_TAG, docker=docker_engine)
@@ -180,16 +185,11 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    # under pytest-xdist (make test) the images are built in a worker: hand their sizes to the controller
+    # under pytest-xdist (make test) the images are built in a worker: hand them to the controller, which does not
+    # load this conftest (tests/conftest.py prints them there)
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None and BUILT:
         workeroutput["visionloop_images"] = [info.to_dict() for info in BUILT.values()]
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node: Any, error: Any) -> None:  # xdist's hook, on the controller
-    for built in getattr(node, "workeroutput", {}).get("visionloop_images", []):
-        BUILT[built["kind"]] = images.ImageInfo(**built)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
