@@ -28,7 +28,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import image_summary  # tests/image_summary.py (tests/ is on sys.path)
 from localhost import free_port  # tests/localhost.py (tests/ is on sys.path)
+from visionloop.delivery import images
 
 
 def write_noise_png(
@@ -67,29 +69,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return FileScheduling(config, log)
 
 
-# the images tests/deploy built in an xdist worker (tests/deploy/conftest.py hands them over), printed at the end
-BUILT_IMAGES: dict[str, dict] = {}
-
-
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: Any, error: Any) -> None:
-    for built in getattr(node, "workeroutput", {}).get("visionloop_images", []):
-        BUILT_IMAGES[built["kind"]] = built
+    """xdist's controller: the images a worker built (tests/deploy/conftest.py), for the summary below."""
+    for built in getattr(node, "workeroutput", {}).get(image_summary.WORKEROUTPUT_KEY, []):
+        image_summary.BUILT[built["kind"]] = images.ImageInfo(**built)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not BUILT_IMAGES:
-        return
-    from visionloop.delivery import images
-
-    terminalreporter.section("container images")
-    for built in BUILT_IMAGES.values():
-        terminalreporter.write_line(
-            f"{built['tag']}: {images.format_size(built['size'])} (built in {built['seconds']:.0f} s)"
-        )
-    if {"serve", "train"} <= BUILT_IMAGES.keys():
-        serve, train = BUILT_IMAGES["serve"], BUILT_IMAGES["train"]
-        terminalreporter.write_line(images.size_summary((serve["tag"], serve["size"]), (train["tag"], train["size"])))
+    image_summary.write_summary(terminalreporter)
 
 
 @pytest.fixture

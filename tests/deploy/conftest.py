@@ -34,8 +34,9 @@ from visionloop.delivery import images
 
 ROOT = Path(__file__).resolve().parents[2]
 REGISTRY_CONFIG = ROOT / "deploy" / "docker" / "registry.yml"
-# the images every test (and other test modules: compose, the smoke tests) shares; the summary prints their sizes
-BUILT: dict[str, images.ImageInfo] = {}
+# the images every test (and other test modules: compose, the smoke tests) shares, recorded for the summary that
+# tests/conftest.py prints (tests/image_summary.py)
+from image_summary import BUILT, WORKEROUTPUT_KEY  # noqa: E402
 
 sys.path.append(str(ROOT / "tests" / "integration"))  # registry_stores: the real `mlflow server` of the tests
 from registry_stores import running_server  # noqa: E402
@@ -189,15 +190,4 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     # load this conftest (tests/conftest.py prints them there)
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None and BUILT:
-        workeroutput["visionloop_images"] = [info.to_dict() for info in BUILT.values()]
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not BUILT:
-        return
-    terminalreporter.section("container images")
-    for info in BUILT.values():
-        terminalreporter.write_line(f"{info.tag}: {images.format_size(info.size)} (built in {info.seconds:.0f} s)")
-    if {"serve", "train"} <= BUILT.keys():
-        serve, train = BUILT["serve"], BUILT["train"]
-        terminalreporter.write_line(images.size_summary((serve.tag, serve.size), (train.tag, train.size)))
+        workeroutput[WORKEROUTPUT_KEY] = [info.to_dict() for info in BUILT.values()]
