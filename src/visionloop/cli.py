@@ -414,6 +414,14 @@ def demo_cmd(
             help="Drive the loop through Prometheus and Alertmanager (default: when both are installed).",
         ),
     ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="A setting over the demo's own as KEY=VALUE (repeatable), e.g. --set "
+            "loop.analysis_min_accuracy=0.999 to watch the loop roll back the retrained model.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole closed loop on the built-in digits, unattended, in a few minutes.
@@ -422,7 +430,8 @@ def demo_cmd(
     in-distribution traffic (no alarm), then inverted digits with feedback: drift is detected, the loop
     retrains, the gate promotes, the server reloads and accuracy on the shifted traffic recovers. Then it
     forces a bad model through and the loop rolls it back. Ends with a summary table, an HTML drift report
-    and an accuracy plot.
+    and an accuracy plot, written whatever happened. Each phase checks what the loop actually did: one that
+    went otherwise is shown ✗ with the reason, the phases that need it are skipped, and the demo exits 1.
 
     Examples:
 
@@ -430,13 +439,18 @@ def demo_cmd(
 
       visionloop demo --fast --workdir /tmp/demo --json
     """
-    from visionloop.loop.demo import Demo, print_summary
+    from visionloop.console import _parse_set
+    from visionloop.loop.demo import Demo, DemoFailed, print_summary
 
-    summary = Demo(workdir, fast=fast, alerting=alerting, console=err).run()
+    summary = Demo(workdir, fast=fast, alerting=alerting, console=err, overrides=_parse_set(sets)).run()
     if as_json:
         _print_json(summary.to_dict())
     else:
         print_summary(summary, console)
+    if not summary.ok:
+        raise DemoFailed(
+            f"the demo's story did not hold: {'; '.join(summary.failures)} (summary: {summary.summary_text})"
+        )
 
 
 def _fail(message: str, code: int) -> None:

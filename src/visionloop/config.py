@@ -54,6 +54,38 @@ class DataSettings(_Group):
     synthetic_per_class: int = Field(60, ge=1, description="Images per class for the synthetic source.")
     synthetic_size: int = Field(32, ge=8, le=512, description="Side of synthetic images in pixels.")
     synthetic_channels: Literal[1, 3] = Field(3, description="Channels of synthetic images.")
+    # ingest limits: what a hostile or broken source may cost before it is refused
+    max_download_mb: float = Field(
+        2048.0,
+        gt=0,
+        description="Refuse a remote source (https://, s3://, … file or folder) larger than this many MiB: "
+        "checked against the declared size first, then counted while the bytes arrive, so a server that "
+        "sends no Content-Length cannot fill the disk.",
+    )
+    download_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Give up on a remote source when connecting, or any single read, takes longer than this "
+        "(a read timeout, not a limit on the whole download).",
+    )
+    max_extract_mb: float = Field(
+        4096.0,
+        gt=0,
+        description="Refuse an archive that unpacks to more than this many MiB; counted while extracting, "
+        "and what was written is deleted.",
+    )
+    max_compression_ratio: float = Field(
+        100.0,
+        ge=1,
+        description="Refuse an archive that unpacks to more than this many times its own size (a zip bomb): "
+        "images are already compressed, so real datasets stay far below it. Checked while extracting, "
+        "once more than 1 MiB is out.",
+    )
+    max_archive_members: int = Field(
+        2_000_000,
+        ge=1,
+        description="Refuse an archive with more entries (files and folders) than this.",
+    )
 
 
 class ValidationPolicy(_Group):
@@ -186,6 +218,61 @@ class ServeSettings(_Group):
     drain_seconds: int = Field(
         20, ge=1, le=3600, description="On SIGTERM, how many seconds in-flight requests may take to finish."
     )
+    decode_inline_pixels: int = Field(
+        262_144,
+        ge=0,
+        description="Uploads whose headers declare at most this many pixels in all (and whose bytes are at most "
+        "serve.decode_inline_kb) decode on the event loop, where a small image is cheapest; anything bigger "
+        "decodes in the decode pool, so a 4900x4900 PNG of 230 KB never stalls /healthz.",
+    )
+    decode_inline_kb: int = Field(
+        256, ge=0, description="Uploads of more KiB than this decode in the decode pool whatever their pixel count."
+    )
+    decode_workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Worker processes decoding large uploads, at a lower CPU priority (nice +10) than the server: "
+        "one leaves the other core to the event loop and the model on a 2-core machine; raise it with the cores.",
+    )
+    decode_queue_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="Pixels of large uploads admitted to the decode pool (decoding plus waiting); beyond it a "
+        "request is answered 503 with Retry-After at once. Bounds memory too: a decoded pixel holds 1-4 bytes.",
+    )
+    parse_inline_kb: int = Field(
+        256,
+        ge=0,
+        description="JSON bodies (V2 infer, /predict base64) of more KiB than this are parsed in a worker process: "
+        "json.loads holds the GIL, so a 16 MB body parsed in the server process (even in a thread) stops every "
+        "other request for seconds.",
+    )
+    parse_workers: int = Field(
+        1, ge=1, le=64, description="Worker processes (nice +10, like the decode workers) parsing large JSON bodies."
+    )
+    parse_queue_mb: float = Field(
+        64.0,
+        gt=0,
+        description="MiB of large JSON bodies admitted to the parse workers (parsing plus waiting); beyond it 503 "
+        "with Retry-After.",
+    )
+    max_queued_images: int = Field(
+        1024,
+        ge=1,
+        description="Images waiting for the model (the dynamic batcher's queue); beyond it a request is "
+        "answered 503 with Retry-After instead of waiting longer and longer.",
+    )
+    feedback_workers: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Threads writing /feedback to the prediction store: their own, so a store outage (each "
+        "call may wait monitor.store_timeout_seconds) never holds a thread that decoding needs.",
+    )
+    feedback_queue: int = Field(
+        8, ge=1, description="/feedback calls in flight (writing plus waiting); beyond it 503 with Retry-After."
+    )
 
 
 class MonitorSettings(_Group):
@@ -227,6 +314,19 @@ class MonitorSettings(_Group):
     image_max_mb: float = Field(
         1024.0, gt=0, description="Cap on the kept images' total size in MiB; past it new images are not kept."
     )
+    spool_dir: str = Field(
+        "",
+        description="Where a server spools predictions the store cannot take (down, too slow, or still queued at "
+        "shutdown), fsync'd, until it can replay them: empty is <home>/monitoring/spool. Servers that share this "
+        "folder (one volume) replay each other's rows, so a replica that never comes back loses nothing.",
+    )
+    spool_max_mb: float = Field(
+        1024.0,
+        gt=0,
+        description="Cap on the spool folder's total size in MiB (all servers sharing it). Past it predictions "
+        'are dropped, counted as visionloop_prediction_store_errors_total{reason="spool_full"}; requests are '
+        "still answered.",
+    )
     host: str = Field("127.0.0.1", description="Address `visionloop monitor` listens on (0.0.0.0 in a container).")
     port: int = Field(8001, ge=0, le=65535, description="Port of `visionloop monitor` (/metrics, /drift).")
     interval_seconds: float = Field(30.0, gt=0, description="How often `visionloop monitor` runs a drift check.")
@@ -267,6 +367,11 @@ class MonitorSettings(_Group):
     )
     min_feedback: int = Field(
         20, ge=1, description="Fewer feedback labels in the window than this: live accuracy is not judged."
+    )
+    token: str = Field(
+        "",
+        description="Bearer token POST /check on `visionloop monitor` requires (each call runs a check and writes a "
+        "row); empty leaves it open (bind to 127.0.0.1 then).",
     )
 
 
@@ -396,6 +501,62 @@ class LoopSettings(_Group):
     )
 
 
+class HttpSettings(_Group):
+    """Limits every HTTP service we ship (serve, monitor, loop) puts on a connection before the app sees it."""
+
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="A request head (request line and headers) must arrive within this many seconds of its first "
+        "byte (or of the connection opening); otherwise the connection is closed, so half-sent requests cannot "
+        "hold file descriptors for ever.",
+    )
+    body_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait for the next chunk of a request body (nginx's client_body_timeout); past it the "
+        "client gets 408 and the connection is closed.",
+    )
+    keep_alive_seconds: float = Field(
+        5.0, gt=0, le=3600, description="An idle keep-alive connection is closed after this many seconds."
+    )
+    max_connections: int = Field(
+        1000,
+        ge=2,
+        le=1_000_000,
+        description="Most open connections per process (capped below the open-file soft limit). At the cap a new "
+        "connection closes the oldest one that has not sent a complete request head, so idle or half-open "
+        "connections never lock out /healthz; when every connection is busy the new one gets 503.",
+    )
+    max_header_kib: int = Field(
+        64, ge=1, le=1024, description="Largest request head in KiB; a longer one gets 431 and the connection closes."
+    )
+    backlog: int = Field(
+        2048, ge=1, le=65535, description="Connections the kernel queues before the server accepts them (listen())."
+    )
+    max_body_mb: float = Field(
+        1.0,
+        gt=0,
+        le=1024,
+        description="Largest request body of the monitor and loop services in MiB (413 before the body is read); "
+        "the prediction server uses serve.max_body_mb.",
+    )
+    allowed_hosts: list[str] = Field(
+        [],
+        description="Host header values accepted (Starlette TrustedHostMiddleware patterns: 'example.com', "
+        "'*.example.com', '*'); others get 400. Empty: the loopback names (127.0.0.1, localhost, ::1) when the "
+        "service binds a loopback address (against DNS rebinding), any host otherwise (kubelet probes send the pod IP).",
+    )
+    allow_public_without_tokens: bool = Field(
+        False,
+        description="Let a service bind a non-loopback address while its bearer tokens (serve.admin_token, "
+        "serve.feedback_token, monitor.token, loop.webhook_token) are unset. Off: it refuses to start, since anyone "
+        "who can reach the port could reload models, post labels or start retrains.",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VISIONLOOP_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -410,6 +571,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = ServeSettings()
     monitor: MonitorSettings = MonitorSettings()
     loop: LoopSettings = LoopSettings()
+    http: HttpSettings = HttpSettings()
 
     @model_validator(mode="after")
     def _splits_leave_training_data(self) -> Settings:

@@ -29,6 +29,24 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def utf8_name(name: str) -> bool:
+    """Whether a file name read from the disk is valid UTF-8.
+
+    On Linux a name is any bytes; Python hands back the undecodable ones as lone surrogates
+    (``b"\\xff.png"`` -> ``"\\udcff.png"``), which no JSON response, label or UTF-8 report can carry.
+    """
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_name(name: str) -> str:
+    """A name as text that can be shown and stored: undecodable bytes as ``\\xNN`` escapes."""
+    return os.fsencode(name).decode("utf-8", errors="backslashreplace")
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

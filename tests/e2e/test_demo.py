@@ -49,6 +49,9 @@ def test_demo_closes_the_loop_and_rolls_back_a_bad_model(tmp_path: Path) -> None
     assert accuracy["shifted (retrained champion)"] > accuracy["shifted (first champion)"] + 0.4
     assert summary["samples_to_detect"] > 0 and summary["seconds_to_new_champion"] > 0
     assert [p["name"] for p in summary["phases"]][:3] == ["train", "start", "in-distribution"]
+    assert summary["ok"] and not summary["failures"] and {p["status"] for p in summary["phases"]} == {"passed"}
+    assert json.loads((workdir / "summary.json").read_text()) == summary
+    assert "✗" not in (workdir / "summary.txt").read_text()
     assert not (tmp_path / "elsewhere").exists()
 
     settings = load_settings(workdir / "visionloop.yaml")

@@ -5,7 +5,9 @@ Only numpy and Pillow are imported here, so the serving image can use it without
 The transform, in order:
 
 1. high bit depth (modes ``I``, ``I;16*``, ``F``): min-max scaled per image to 0-255 and truncated to
-   uint8 (mode ``L``); a constant image becomes all 0;
+   uint8 (mode ``L``); a constant image becomes all 0; an image holding NaN or ±Inf (only float images
+   can) is refused with ``NonFinitePixels``: min-max scaling would turn it into garbage pixels that the
+   model then labels with confidence, in training as in serving;
 2. ``convert`` to the model's mode (``L`` grey or ``RGB``; alpha dropped, palette expanded, CMYK
    through Pillow's own conversion);
 3. resize to ``size`` x ``size`` with the stated resample filter (aspect ratio not kept), only when
@@ -31,6 +33,28 @@ HIGH_DEPTH_SCALING = "min-max"
 LAYOUT = "CHW"
 DTYPE = "uint8"
 NORMALIZATION_APPLIED = "inside the graph"
+
+
+class NonFinitePixels(ValueError):
+    """An image whose pixel values include NaN or ±Inf: bad input, not something to scale."""
+
+    def __init__(self, count: int, total: int) -> None:
+        super().__init__(f"non-finite pixel values: {count:,} of {total:,} pixels are NaN or infinite")
+        self.count = count
+
+
+def check_finite(array: np.ndarray) -> None:
+    """Raise ``NonFinitePixels`` when a float ``array`` holds NaN or ±Inf (integer arrays cannot)."""
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise NonFinitePixels(int(finite.size - np.count_nonzero(finite)), int(finite.size))
+
+
+def check_finite_image(img: Image.Image) -> None:
+    """``check_finite`` for a decoded image: validation calls it, so a NaN TIFF is counted as a bad file."""
+    if img.mode == "F":  # the one Pillow mode that can hold NaN/Inf
+        check_finite(np.asarray(img))
 
 
 @dataclass(frozen=True)
@@ -60,7 +84,8 @@ class InputTransform:
         return 1 if self.mode == "L" else 3
 
     def apply(self, img: Image.Image) -> np.ndarray:
-        """``img`` as the model's uint8 (C, H, W) input."""
+        """``img`` as the model's uint8 (C, H, W) input; ``NonFinitePixels`` for NaN/Inf pixels."""
+        check_finite_image(img)  # before scaling, whatever the card's high-depth list says
         if img.mode in self.high_depth_modes:
             array = np.asarray(img, dtype=np.float64)
             span = array.max() - array.min()

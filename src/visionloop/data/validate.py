@@ -9,6 +9,7 @@ policy decides what fails the run; what is merely odd is a warning.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import warnings
 from collections import Counter, defaultdict
@@ -19,8 +20,9 @@ from PIL import Image
 
 from visionloop.config import ValidationPolicy
 from visionloop.data.sources import _visible
+from visionloop.data.transform import check_finite_image
 from visionloop.errors import DataError
-from visionloop.fsutil import atomic_dir, atomic_write_json, read_json, sha256_bytes
+from visionloop.fsutil import atomic_dir, atomic_write_json, printable_name, read_json, utf8_name
 from visionloop.progress import progress
 
 
@@ -65,20 +67,22 @@ class ValidationReport:
 
 
 def inspect_file(path: Path, max_pixels: int) -> tuple[str, int, int, str]:
-    """Decode ``path`` fully; return (mode, width, height, sha256) or raise ValueError saying why."""
-    data = path.read_bytes()
-    if not data:
-        raise ValueError("empty file")
-    from io import BytesIO
+    """Decode ``path`` fully; return (mode, width, height, sha256) or raise ValueError saying why.
 
+    The file is never read whole into memory: Pillow decodes from the path, and the hash is taken
+    in chunks, so a large file costs its decoded pixels (bounded by ``max_pixels``), not its size.
+    """
+    if path.stat().st_size == 0:
+        raise ValueError("empty file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(BytesIO(data)) as img:
+            with Image.open(path) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise ValueError(f"{width}x{height} is over the {max_pixels}-pixel limit")
                 img.load()  # decodes every pixel: catches truncated files
+                check_finite_image(img)  # NaN/Inf pixels (float TIFFs): bad data, not something to scale
                 mode = img.mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ValueError(f"decompression bomb: {exc}") from None
@@ -88,21 +92,34 @@ def inspect_file(path: Path, max_pixels: int) -> tuple[str, int, int, str]:
         raise ValueError(f"not a decodable image ({type(exc).__name__}: {exc})") from None
     if width < 1 or height < 1:
         raise ValueError("image has no pixels")
-    return mode, width, height, sha256_bytes(data)
+    with path.open("rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    return mode, width, height, digest
 
 
 def validate(root: Path, policy: ValidationPolicy, show_progress: bool = False) -> ValidationReport:
     """Inspect every file under ``root/<class>/``; never raises for bad data, the report says."""
     # the same rule as ingest: hidden names and OS metadata (__MACOSX, Thumbs.db) are not data
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p))
-    stray = sorted(str(p.relative_to(root)) for p in root.iterdir() if p.is_file() and _visible(p))
+    # a name that is not valid UTF-8 (any bytes are a name on Linux) cannot be a label or a path in a
+    # JSON or Markdown report: such a class folder is skipped with a warning, such a file is a bad file
+    # (listed with its bytes as \xNN escapes), the same rule ingest applies
+    folders = [p for p in root.iterdir() if p.is_dir() and _visible(p)]
+    classes = sorted(p.name for p in folders if utf8_name(p.name))
+    unnamed_classes = sorted(printable_name(p.name) for p in folders if not utf8_name(p.name))
+    stray = sorted(printable_name(str(p.relative_to(root))) for p in root.iterdir() if p.is_file() and _visible(p))
     candidates: list[tuple[str, Path]] = []
+    bad: dict[str, str] = {}
     for label in classes:
         for path in sorted((root / label).rglob("*")):
-            if path.is_file() and all(_visible(Path(part)) for part in path.relative_to(root).parts):
+            parts = path.relative_to(root).parts
+            if not (path.is_file() and all(_visible(Path(part)) for part in parts)):
+                continue
+            if all(utf8_name(part) for part in parts):
                 candidates.append((label, path))
+            else:
+                bad[printable_name(str(path.relative_to(root)))] = "name is not valid UTF-8: rename the file"
+    misnamed = len(bad)
 
-    bad: dict[str, str] = {}
     decoded: list[FileRecord] = []
     # PIL's global limit also guards decoding; restore it afterwards
     previous_limit = Image.MAX_IMAGE_PIXELS
@@ -152,7 +169,7 @@ def validate(root: Path, policy: ValidationPolicy, show_progress: bool = False) 
 
     errors: list[str] = []
     notes: list[str] = []
-    total = len(candidates)
+    total = len(candidates) + misnamed  # the misnamed files were found, and are not usable
     if total == 0:
         errors.append("no files in any class folder")
     elif len(bad) / total > policy.max_bad_fraction:
@@ -181,6 +198,10 @@ def validate(root: Path, policy: ValidationPolicy, show_progress: bool = False) 
         )
     if stray:
         notes.append(f"{len(stray)} files outside any class folder ignored")
+    if unnamed_classes:
+        notes.append(
+            f"{len(unnamed_classes)} folders whose names are not valid UTF-8 skipped, not classes: {', '.join(unnamed_classes)}"
+        )
     modes = Counter(r.mode for r in usable)
     if len(modes) > 1:
         notes.append(f"mixed image modes {dict(modes)}: preprocessing converts them all")
@@ -208,7 +229,7 @@ def summary_markdown(report: ValidationReport) -> str:
     lines = [
         f"# Validation report — {'PASSED' if report.passed else 'FAILED'}",
         "",
-        f"- source: `{report.root}`",
+        f"- source: `{printable_name(report.root)}`",
         f"- files: {report.total_files} found, {len(report.files)} usable, {len(report.bad_files)} unusable, "
         f"{len(report.duplicates_removed)} duplicates removed, {len(report.label_conflicts)} label conflicts",
         f"- modes: {report.modes}",
@@ -237,7 +258,8 @@ def write_report(report: ValidationReport, out_dir: Path) -> Path:
     """Write report.json and report.md into ``out_dir`` (replaced whole, never half-written)."""
     with atomic_dir(out_dir) as tmp:
         atomic_write_json(tmp / "report.json", report.to_dict())
-        (tmp / "report.md").write_text(summary_markdown(report), encoding="utf-8")
+        # the root is the user's own path, which may hold bytes that are not UTF-8
+        (tmp / "report.md").write_text(summary_markdown(report), encoding="utf-8", errors="backslashreplace")
     return out_dir / "report.json"
 
 

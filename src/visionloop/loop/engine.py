@@ -46,6 +46,8 @@ from visionloop.monitoring.store import PredictionStore
 log = logging.getLogger("visionloop.loop")
 Action = Literal["started", "busy", "cooldown", "waiting", "ignored", "resumed"]
 RETRAINING = ("alert", "verdict", "accuracy", "schedule", "manual")
+DECISION_WAIT_SECONDS = 60.0  # how long a trigger waits for the one being decided before it answers busy anyway
+REUSED = ("busy", "cooldown", "waiting")  # refusals a trigger that waited for a decision takes over from it
 
 
 class Ack(BaseModel):
@@ -56,7 +58,7 @@ class Ack(BaseModel):
     reason: str
     action: Action
     detail: str = ""
-    run_id: str | None = None
+    run_id: str | None = None  # started: the new run; busy, cooldown: the run in progress or the one that ended
 
 
 class Engine:
@@ -73,9 +75,17 @@ class Engine:
         self.metrics = metrics or LoopMetrics()
         self.lock_name = f"loop:{settings.registry.model_name}"
         self.acks: deque[Ack] = deque(maxlen=200)
-        self._busy = threading.Lock()  # one run at a time in this process
+        # One run at a time in this process, and one decision at a time. A trigger that arrives while another
+        # is being decided waits for that decision (it is short next to a run) instead of answering "busy" with
+        # no run to name: then it is busy with the run just started, or takes over the refusal just made for
+        # the same kind of trigger (the labels and the cool-down it would look at are the same), so 200
+        # concurrent alerts cost one decision and every answer names a real run.
+        self._claim = threading.Condition()  # guards current, _deciding and _decided
+        self._deciding: Trigger | None = None  # the trigger being decided now
+        self._decided: tuple[str, Action, str, str | None] | None = None  # kind, action, detail, run id
+        self._decisions = 0  # decisions made: a waiter reuses only one made while it waited
         self._stop = threading.Event()
-        self.current: str | None = None  # the run in progress here
+        self.current: str | None = None  # the run in progress here (set from its start to its end)
         # an alert the loop could not act on yet (busy, cool-down, too few labels): Alertmanager notifies a
         # group again only after repeat_interval, so the watcher offers it again until it starts or resolves
         self.pending: Trigger | None = None
@@ -95,19 +105,20 @@ class Engine:
         enabled = trigger.kind in ("manual", "promotion") or trigger.kind in loop.triggers
         if not enabled:
             return self._ack(trigger, "ignored", f"trigger {trigger.kind} is not in loop.triggers")
-        if not self._busy.acquire(blocking=False):
-            return self._ack(trigger, "busy", f"run {self.current} is in progress")
+        answer = self._claim_decision(trigger)
+        if answer is not None:
+            return self._ack(trigger, *answer)
         started = False
+        ack: Ack | None = None
         try:
             if not self.state.acquire(self.lock_name, loop.lock_seconds):
-                holder = self.state.lock_holder(self.lock_name)
-                return self._ack(
-                    trigger, "busy", f"another loop process holds the lock ({holder[0] if holder else '?'})"
-                )
+                ack = self._ack(trigger, "busy", *self._lease_holder())
+                return ack
             try:
                 refusal = self._refusal(trigger)
                 if refusal is not None:
-                    return self._ack(trigger, *refusal)
+                    ack = self._ack(trigger, *refusal)
+                    return ack
                 data: dict[str, Any] = {"trigger_details": trigger.details}
                 if trigger.kind == "promotion":  # nothing to train: the analysis of a version promoted by hand
                     details = trigger.details
@@ -117,36 +128,80 @@ class Engine:
                     ).model_dump()
                     data["event_seq"] = details.get("event_seq")
                 run = self.state.create_run(self.model_name, trigger.kind, trigger.reason, data)
-                self.current = run.id
                 if trigger.kind == "promotion":
                     run = self.state.update_run(run.id, phase="analysing")
-                ack = self._ack(trigger, "started", run_id=run.id)
+                with self._claim:  # before the decision ends: a trigger that waited for it names this run
+                    self.current = run.id
+                ack = started_ack = self._ack(trigger, "started", run_id=run.id)
                 started = True
             finally:
                 if not started:
                     self.state.release(self.lock_name)
         finally:
-            if not started:
-                self._busy.release()
+            self._decision_made(trigger, ack, started)
         self._launch(run, wait)
-        return ack
+        return started_ack
 
-    def _refusal(self, trigger: Trigger) -> tuple[Action, str] | None:
-        """Why ``trigger`` starts nothing now (cool-down, too few labels), or None."""
+    def _claim_decision(self, trigger: Trigger) -> tuple[Action, str, str | None] | None:
+        """Become the one deciding (None), or the answer without deciding: busy with the run in progress, or
+        the refusal just made for the same kind of trigger while this one waited."""
+        deadline = time.monotonic() + DECISION_WAIT_SECONDS
+        with self._claim:
+            waited_from = None
+            while self._deciding is not None and self.current is None:
+                waited_from = self._decisions if waited_from is None else waited_from
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    deciding = self._deciding
+                    return "busy", f"trigger {deciding.kind} ({deciding.reason}) is still being decided", None
+                self._claim.wait(left)
+            if self.current is not None:
+                return "busy", f"run {self.current} is in progress", self.current
+            decided = self._decided
+            if waited_from is not None and self._decisions > waited_from and decided is not None:
+                kind, action, detail, run_id = decided
+                if kind == trigger.kind and action in REUSED:
+                    return action, detail, run_id
+            self._deciding = trigger
+        return None
+
+    def _decision_made(self, trigger: Trigger, ack: Ack | None, started: bool) -> None:
+        with self._claim:
+            self._deciding = None
+            self._decisions += 1
+            self._decided = None if ack is None or started else (trigger.kind, ack.action, ack.detail, ack.run_id)
+            self._claim.notify_all()
+
+    def _lease_holder(self) -> tuple[str, str | None]:
+        """The busy answer when another loop process holds the lease: who, and the run it is driving."""
+        holder = self.state.lock_holder(self.lock_name)
+        who = holder[0] if holder else "?"
+        unfinished = self.state.unfinished(self.model_name)
+        if not unfinished:
+            return f"another loop process ({who}) holds the lease and is deciding a trigger", None
+        run = unfinished[0]
+        return f"run {run.id} is in progress in another loop process ({who}), phase {run.phase}", run.id
+
+    def _refusal(self, trigger: Trigger) -> tuple[Action, str, str | None] | None:
+        """Why ``trigger`` starts nothing now (cool-down, too few labels), and the run it is about, or None."""
         loop = self.settings.loop
         if trigger.kind not in RETRAINING or trigger.kind == "manual":
             return None
         last = self.state.last_run(self.model_name, RETRAINING, finished_only=True)
         if last is not None and last.finished_at is not None and time.time() - last.finished_at < loop.cooldown_seconds:
             left = loop.cooldown_seconds - (time.time() - last.finished_at)
-            return "cooldown", f"run {last.id} ended {last.result}; cool-down for another {left:.0f} s"
+            return "cooldown", f"run {last.id} ended {last.result}; cool-down for another {left:.0f} s", last.id
         if trigger.kind == "schedule":
             return None  # a schedule retrains on whatever labels there are, as a cron job would
         base = retrain.base_data(self.settings)
         production = retrain.production_images(self.settings, self.store, base.classes, base.hashes)
         usable = len(production.images)
         if usable < loop.min_labels:
-            return "waiting", f"{usable} usable labelled production images, loop.min_labels is {loop.min_labels}"
+            return (
+                "waiting",
+                f"{usable} usable labelled production images, loop.min_labels is {loop.min_labels}",
+                None,
+            )
         latest_used = self._labels_until()
         if latest_used is not None:
             new = sum(1 for p in production.images if p.time > latest_used)
@@ -154,6 +209,7 @@ class Engine:
                 return (
                     "waiting",
                     f"{new} labels newer than the last retrain's, loop.min_new_labels is {loop.min_new_labels}",
+                    None,
                 )
         return None
 
@@ -194,7 +250,7 @@ class Engine:
         """One look at everything: unfinished runs, the champion, the verdict, live accuracy, the schedule;
         a run it starts runs on a thread, or here with ``wait`` (``visionloop loop once``)."""
         acks: list[Ack] = []
-        if self._busy.locked():
+        if self.current is not None or self._deciding is not None:
             return acks
         resumed = self.resume(wait=wait)
         if resumed is not None:
@@ -259,12 +315,16 @@ class Engine:
     def resume(self, wait: bool = True) -> Ack | None:
         """Take up the oldest unfinished run (its process died), if the lock can be had."""
         unfinished = self.state.unfinished(self.model_name)
-        if not unfinished or not self._busy.acquire(blocking=False):
-            return None
-        if not self.state.acquire(self.lock_name, self.settings.loop.lock_seconds):
-            self._busy.release()
+        if not unfinished:
             return None
         run = unfinished[0]
+        with self._claim:
+            if self.current is not None or self._deciding is not None:
+                return None
+            self.current = run.id
+        if not self.state.acquire(self.lock_name, self.settings.loop.lock_seconds):
+            self._run_ended()
+            return None
         ack = self._ack(
             Trigger(run.trigger, run.reason), "resumed", f"phase {run.phase}, last written by {run.owner}", run.id
         )
@@ -282,8 +342,7 @@ class Engine:
             threading.Thread(target=self._execute, args=(run,), name=f"loop-run-{run.id}", daemon=True).start()
 
     def _execute(self, run: LoopRun) -> None:
-        """Drive ``run`` to done; the caller holds ``_busy`` and the store lock, released here."""
-        self.current = run.id
+        """Drive ``run`` to done; the caller set ``current`` and holds the store lock, both released here."""
         self.metrics.lock_held.set(1)
         try:
             with self.state.held(self.lock_name, self.settings.loop.lock_seconds) as still_held:
@@ -299,8 +358,12 @@ class Engine:
         finally:
             self.metrics.phase.state("idle")
             self.metrics.lock_held.set(0)
+            self._run_ended()
+
+    def _run_ended(self) -> None:
+        with self._claim:
             self.current = None
-            self._busy.release()
+            self._claim.notify_all()
 
     def _step(self, run: LoopRun) -> LoopRun:
         phase = run.phase

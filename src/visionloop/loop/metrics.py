@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, ProcessCollector
 
+from visionloop.service.metrics import HttpMetrics
+
 PHASES = ["idle", "building", "training", "gating", "analysing", "rolling_back"]
 ANALYSIS_STATES = ["none", "running", "successful", "failed", "inconclusive", "error"]
 RESULTS = ["promoted", "kept", "rejected", "rolled_back", "failed", "inconclusive"]
@@ -19,6 +21,7 @@ class LoopMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)
+        self.http = HttpMetrics(r, "visionloop_loop")  # its own HTTP answers (service/guard.py)
         self.runs = Counter(
             "visionloop_loop_runs_total",
             "Loop runs that ended, by result: promoted (and kept after its analysis), kept, rejected (by the gate), "

@@ -2,8 +2,9 @@
 
 - ``POST /alerts``: Alertmanager's webhook (payload version 4). A valid payload is always answered 200
   with what the loop did (``started``, ``busy``, ``cooldown``, ``waiting``, ``ignored``): Alertmanager
-  retries anything else, and a refusal is a decision, not an error. A malformed one gets 422, a missing
-  or wrong token (``loop.webhook_token``) 401;
+  retries anything else, and a refusal is a decision, not an error. A malformed one gets 422 naming the
+  field (never echoing the body); a missing or wrong token (``loop.webhook_token``) 401 before a body byte is
+  read; a body over ``http.max_body_mb`` 413 (service/guard.py);
 - ``POST /runs``: start a retrain by hand (``{"reason": "..."}``), with the same token;
 - ``GET /runs``, ``GET /runs/{id}``: the history, newest first; ``GET /triggers``: the latest triggers and
   what became of them;
@@ -16,20 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from visionloop.config import Settings
 from visionloop.loop.engine import Ack, Engine
 from visionloop.loop.triggers import AlertmanagerPayload, Trigger, from_alerts
+from visionloop.service.app import guard_side_service
+from visionloop.service.guard import TokenRule
+from visionloop.service.server import check_public_bind
 
 log = logging.getLogger("visionloop.loop")
+UNAUTHORISED = "POST needs Authorization: Bearer <loop.webhook_token>"
 
 
 class ManualRun(BaseModel):
@@ -70,21 +74,17 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Any:
     )
     app.state.engine = engine
 
-    def authorised(authorization: Annotated[str | None, Header()] = None) -> None:
-        token = settings.loop.webhook_token
-        if not token:
-            return
-        given = (
-            (authorization or "").removeprefix("Bearer ").strip() if (authorization or "").startswith("Bearer ") else ""
-        )
-        if not given or not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(401, "POST needs Authorization: Bearer <loop.webhook_token>")
+    # the token is checked on the request head, before a body byte is read (service/guard.py)
+    token = settings.loop.webhook_token
+    guard_side_service(
+        app,
+        metrics=engine.metrics.http,
+        http=settings.http,
+        tokens=[TokenRule("POST", path, token, UNAUTHORISED) for path in ("/alerts", "/runs")],
+        log=log,
+    )
 
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Any, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
-
-    @app.post("/alerts", response_model=Ack, dependencies=[Depends(authorised)])
+    @app.post("/alerts", response_model=Ack)
     async def alerts(payload: AlertmanagerPayload) -> Any:
         trigger = from_alerts(payload, settings)
         resolved = [a.labels.get("alertname", "") for a in payload.alerts if a.status == "resolved"]
@@ -96,7 +96,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Any:
             return engine._ack(ignored, "ignored", "no firing alert the loop acts on (loop.alerts)")
         return await asyncio.to_thread(engine.offer, trigger, False)
 
-    @app.post("/runs", response_model=Ack, dependencies=[Depends(authorised)])
+    @app.post("/runs", response_model=Ack)
     async def start_run(body: ManualRun) -> Any:
         return await asyncio.to_thread(engine.offer, Trigger("manual", body.reason), False)
 
@@ -140,4 +140,5 @@ def run_service(settings: Settings, on_started: Any = None) -> None:
     from visionloop.serving.server import run_side_service
 
     group = settings.loop
-    run_side_service(create_app(settings), group.host, group.port, log, on_started)
+    check_public_bind(group.host, settings.http, {"loop.webhook_token": group.webhook_token}, log)
+    run_side_service(create_app(settings), group.host, group.port, log, on_started, http=settings.http)

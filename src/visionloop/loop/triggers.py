@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from visionloop.config import Settings
+from visionloop.monitoring.schema import ACCURACY_REASON
 from visionloop.monitoring.store import PredictionStore
 
 Kind = Literal["alert", "verdict", "accuracy", "schedule", "manual", "promotion"]
@@ -84,14 +85,19 @@ def from_alerts(payload: AlertmanagerPayload, settings: Settings) -> Trigger | N
 
 
 def from_verdict(settings: Settings, store: PredictionStore, version: str, now: float | None = None) -> Trigger | None:
-    """The monitor's newest stored check of ``version``, when it says drifted and is recent."""
+    """The monitor's newest stored check of ``version``, when its drift tests fired and it is recent.
+
+    Drift only: a check whose status is ``accuracy_below_floor`` starts a retrain here only when it drifted
+    too. Live accuracy under the floor is the ``accuracy`` trigger's (the same floor and labels, read from the
+    store directly), so taking "accuracy" out of ``loop.triggers`` really stops accuracy retrains, and one
+    low-accuracy check is never two triggers."""
     now = time.time() if now is None else now
     check = store.latest_check(settings.registry.model_name, version)
     if check is None or not check.drifted:
         return None
     if now - check.checked_at > 3 * settings.monitor.interval_seconds + 60:
         return None  # the monitor stopped checking; a stale verdict is not acted on
-    detail = "; ".join(check.reasons[:3])
+    detail = "; ".join([r for r in check.reasons if not r.startswith(ACCURACY_REASON)][:3])
     return Trigger(
         "verdict",
         f"the monitor found drift in v{version} ({check.window.size} predictions): {detail}",

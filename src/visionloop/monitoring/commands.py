@@ -25,7 +25,7 @@ Examples:
 
   visionloop monitor                                  # the service on 127.0.0.1:8001
 
-  visionloop monitor check --json                     # one check; exit 0 no drift, 1 drift, 2 error
+  visionloop monitor check --json                     # one check; exit 0 ok, 1 drift, 2 error, 3 accuracy
 
   visionloop monitor report --output drift.html       # plots: reference against current traffic
 
@@ -37,7 +37,11 @@ VersionOpt = Annotated[
     str | None,
     typer.Option("--model-version", help="Check this registered version instead of the one serve.model_ref names."),
 ]
-EXIT = {"ok": 0, "insufficient_data": 0, "no_model": 0, "drifted": 1, "no_reference": 2, "error": 2}
+# what a CronJob or a script acts on; accuracy_below_floor wins over drifted and no_reference (see schema.Status)
+EXIT = {
+    "ok": 0, "insufficient_data": 0, "no_model": 0, "drifted": 1, "no_reference": 2, "error": 2,
+    "accuracy_below_floor": 3,
+}  # fmt: skip
 
 
 def _settings(sets: list[str] | None, **flags: Any) -> Any:
@@ -77,7 +81,14 @@ def check_cmd(
     json_out: JsonOpt = False,
     sets: SetOpt = None,
 ) -> None:
-    """One drift check now; exit 0 when nothing drifted, 1 when something did, 2 when it could not check.
+    """One drift check now, and the served version's live accuracy against monitor.min_accuracy.
+
+    Exit codes, for CronJobs and scripts:
+    0  ok, insufficient_data or no_model: nothing to act on
+    1  drifted: a drift detector fired
+    2  no_reference or error: the check could not run
+    3  accuracy_below_floor: live accuracy under monitor.min_accuracy on monitor.min_feedback labels or more;
+    wins over 1 and 2 (no_reference) when they hold too, and every reason is listed
 
     Also records the result in the store, where the server's GET /monitoring/drift finds it."""
     from visionloop.monitoring.monitor import Monitor
@@ -125,7 +136,7 @@ def report_cmd(
 
 
 def _print_result(result: Any) -> None:
-    colour = {"ok": "green", "drifted": "red", "insufficient_data": "yellow"}.get(result.status, "red")
+    colour = {"ok": "green", "insufficient_data": "yellow", "no_model": "yellow"}.get(result.status, "red")
     w = result.window
     console.print(
         f"[bold]{escape(result.model_name)} v{result.model_version}[/]: [{colour}]{result.status}[/] — window "
@@ -135,17 +146,34 @@ def _print_result(result: Any) -> None:
     for reason in result.reasons:
         console.print(f"  - {escape(reason)}", highlight=False)
     if result.tests:
-        table = Table(box=box.SIMPLE_HEAD)
-        for column in ("test", "detector", "statistic", "p", "adjusted p", "threshold", "drift"):
-            table.add_column(column, justify="left" if column in ("test", "detector") else "right")
-        for t in result.tests:
-            mark = "[red]yes[/]" if t.drifted else "no"
-            table.add_row(
-                t.name, t.detector, f"{t.statistic:.4g}", f"{t.p_value:.3g}", f"{t.adjusted_p_value:.3g}",
-                f"{t.threshold:.3g}", mark,
-            )  # fmt: skip
-        console.print(table)
+        console.print(drift_table(result.tests))
     for live in result.accuracy:
         shown = "n/a" if live.accuracy is None else f"{live.accuracy:.3f}"
         judged = "" if live.judged else " (too few labels to judge)"
         console.print(f"  live accuracy v{live.model_version}: {shown} on {live.count} labels{judged}")
+
+
+def drift_table(tests: list[Any]) -> Table:
+    """The tests as a table that stays whole at 80 columns (a pipe, a CronJob log, a small terminal).
+
+    The test name is the one column that must never be cut (``ks:image_sharpness`` and ``ks:image_std`` differ
+    only at the end), so it is never wrapped and is sized to its longest name; the detector is a section row
+    instead of a column, and the threshold (one value per check) goes in the title. The numbers keep 4-5
+    significant digits, which fit the rest of the width.
+    """
+    from visionloop.monitoring.drift import DETECTOR_LABELS  # scipy: only once a check has run
+
+    thresholds = sorted({f"{t.threshold:.3g}" for t in tests})
+    table = Table(box=box.SIMPLE_HEAD, title=f"drift tests (adjusted p < {', '.join(thresholds)} is drift)")
+    table.add_column("test", no_wrap=True, min_width=max(len(t.name) for t in tests))
+    for column in ("statistic", "p", "adjusted p"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("drift", no_wrap=True)
+    detector = None
+    for t in tests:
+        if t.detector != detector:
+            detector = t.detector
+            table.add_row(f"[bold]{escape(DETECTOR_LABELS.get(detector, detector))}[/]")
+        mark = "[red]yes[/]" if t.drifted else "no"
+        table.add_row(escape(t.name), f"{t.statistic:.4g}", f"{t.p_value:.3g}", f"{t.adjusted_p_value:.3g}", mark)
+    return table

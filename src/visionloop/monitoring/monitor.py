@@ -4,7 +4,9 @@
 profile (``profile.py``) and its window of logged predictions from the shared store (one indexed query,
 ``monitor.window_size`` rows no older than ``monitor.window_seconds``), run the drift tests
 (``drift.py``), measure live accuracy per version from feedback, keep the result in the store (the
-server's ``GET /monitoring/drift`` and the report read it there) and export it as metrics.
+server's ``GET /monitoring/drift`` and the report read it there) and export it as metrics. Live accuracy
+of the judged version under ``monitor.min_accuracy`` on enough labels is a status of its own,
+``accuracy_below_floor`` (``under_floor``), that wins over what the drift tests said.
 A check never raises: a registry, store or profile failure is a result with status ``error`` (or
 ``no_reference``), counted in ``visionloop_monitor_errors_total{stage}``.
 
@@ -27,11 +29,12 @@ from visionloop.errors import VisionloopError
 from visionloop.monitoring import drift
 from visionloop.monitoring.metrics import MonitorMetrics
 from visionloop.monitoring.profile import ProfileError, ReferenceProfile, profile_for
-from visionloop.monitoring.schema import DriftResult, LiveAccuracy, WindowInfo
+from visionloop.monitoring.schema import ACCURACY_REASON, DriftResult, LiveAccuracy, WindowInfo
 from visionloop.monitoring.stats import Sample
 from visionloop.monitoring.store import PredictionStore, Window
 
 log = logging.getLogger("visionloop.monitor")
+CHECK_UNAUTHORISED = "POST /check needs 'Authorization: Bearer <monitor.token>'"
 
 
 class Monitor:
@@ -61,7 +64,7 @@ class Monitor:
         with self._lock:
             started, now = time.perf_counter(), time.time()
             self.latest_window = None
-            result = self._check(version, now)
+            result = under_floor(self._check(version, now), self.settings.monitor.min_accuracy)
             result.duration_seconds = round(time.perf_counter() - started, 6)
             if save and result.status != "error":
                 try:
@@ -87,7 +90,8 @@ class Monitor:
         def result(status: str, reasons: list[str], **fields: Any) -> DriftResult:
             return DriftResult(
                 model_name=name, model_version=version, checked_at=now, duration_seconds=0.0, status=status,
-                drifted=status == "drifted", reasons=reasons, window=fields.pop("window", window_info),
+                drifted=fields.pop("drifted", status == "drifted"), reasons=reasons,
+                window=fields.pop("window", window_info),
                 settings=settings_used, **fields,
             )  # fmt: skip
 
@@ -131,7 +135,7 @@ class Monitor:
             log.exception("drift tests failed")
             return result("error", [self._failed("drift", exc)], **common)
         status = "drifted" if verdict.drifted else "ok"
-        return result(status, verdict.reasons, tests=verdict.tests, **common)
+        return result(status, verdict.reasons, tests=verdict.tests, drifted=verdict.drifted, **common)
 
     def reference(self, version: str) -> tuple[ReferenceProfile, drift.Reference]:
         """The version's profile and its prepared drift reference (built once per version)."""
@@ -169,6 +173,32 @@ class Monitor:
         message = f"{stage}: {exc}"
         log.warning("check failed at %s", message)
         return message
+
+
+# statuses the accuracy floor overrides: a measured failure outweighs a suspicion (drifted), a quiet input test
+# (ok) and a drift check that could not run (insufficient_data, no_reference); without a version (no_model) or
+# without the store (error) there is no accuracy to judge
+OVERRIDDEN = ("ok", "drifted", "insufficient_data", "no_reference")
+
+
+def under_floor(result: DriftResult, min_accuracy: float) -> DriftResult:
+    """``result`` with status ``accuracy_below_floor`` when the judged version's live accuracy is under the floor.
+
+    Live accuracy comes from labels, not from the drift window: 200 labels that all contradict the model are
+    the worst failure a monitor can see, even while the inputs look unchanged, and a CronJob that trusts the
+    exit code must hear it. Only the version being judged counts (another version's labels are history). The
+    drift reasons stay listed after the accuracy one and ``drifted`` keeps what the drift tests said.
+    """
+    if result.status not in OVERRIDDEN:
+        return result
+    live = next((a for a in result.accuracy if a.model_version == result.model_version and a.below_floor), None)
+    if live is None or live.accuracy is None:
+        return result
+    reason = (
+        f"{ACCURACY_REASON} {live.accuracy:.3f} on {live.count} labels < {min_accuracy:.2f} "
+        f"(monitor.min_accuracy; v{live.model_version})"
+    )
+    return result.model_copy(update={"status": "accuracy_below_floor", "reasons": [reason, *result.reasons]})
 
 
 def comparable(window: Sample, reference: Sample) -> Sample:
@@ -214,6 +244,12 @@ def create_app(settings: Settings, monitor: Monitor | None = None) -> Any:
         lifespan=lifespan,
     )
     app.state.monitor = monitor
+    # each POST /check runs a check and writes a row: behind monitor.token, checked before the body is read
+    from visionloop.service.app import guard_side_service
+    from visionloop.service.guard import TokenRule
+
+    check_token = TokenRule("POST", "/check", settings.monitor.token, CHECK_UNAUTHORISED)
+    guard_side_service(app, metrics=monitor.metrics.http, http=settings.http, tokens=[check_token], log=log)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -247,7 +283,9 @@ def create_app(settings: Settings, monitor: Monitor | None = None) -> Any:
 
 def run_service(settings: Settings, on_started: Any = None) -> None:
     """``visionloop monitor``: serve until SIGINT/SIGTERM."""
+    from visionloop.service.server import check_public_bind
     from visionloop.serving.server import run_side_service
 
     group = settings.monitor
-    run_side_service(create_app(settings), group.host, group.port, log, on_started)
+    check_public_bind(group.host, settings.http, {"monitor.token": group.token}, log)
+    run_side_service(create_app(settings), group.host, group.port, log, on_started, http=settings.http)

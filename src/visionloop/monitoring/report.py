@@ -36,6 +36,7 @@ MAX_REASONS = 6  # reasons listed in the header; the tests table has them all
 P_FLOOR = 1e-12  # p-values below this are drawn at it: a log axis down to 1e-300 would hide everything else
 VERDICTS = {
     "drifted": ("drifted", ALARM),
+    "accuracy_below_floor": ("live accuracy below floor", ALARM),
     "ok": ("ok", "#55a868"),
     "insufficient_data": ("insufficient data", "#dd9c2a"),
 }

@@ -11,7 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 Detector = Literal["image_stats", "softmax", "class_mix", "embedding"]
-Status = Literal["ok", "drifted", "insufficient_data", "no_reference", "no_model", "error"]
+ACCURACY_REASON = "live accuracy"  # how the accuracy floor's reason starts (the loop's verdict trigger skips it)
+Status = Literal["ok", "drifted", "accuracy_below_floor", "insufficient_data", "no_reference", "no_model", "error"]
 
 
 class TestResult(BaseModel):
@@ -66,9 +67,16 @@ class DriftResult(BaseModel):
     model_version: str | None
     checked_at: float = Field(description="unix seconds")
     duration_seconds: float
-    status: Status
-    drifted: bool
-    reasons: list[str] = Field(description="why drifted (each failing test), or why no verdict")
+    status: Status = Field(
+        description="accuracy_below_floor (live accuracy of this version under monitor.min_accuracy on at least "
+        "monitor.min_feedback labels) wins over drifted, ok, insufficient_data and no_reference: labels that say "
+        "the model is wrong now outweigh what the input tests suspect; the other reasons stay listed"
+    )
+    drifted: bool = Field(description="the drift tests fired (true under accuracy_below_floor too when they did)")
+    reasons: list[str] = Field(
+        description="the live accuracy under the floor first, then why drifted (each detector that fired), or why "
+        "there is no verdict"
+    )
     window: WindowInfo
     reference: ReferenceInfo | None = None
     tests: list[TestResult] = []

@@ -7,6 +7,8 @@ or PostgreSQL that several ``visionloop serve`` processes write to and ``visionl
 - tables.py: the schema, the engine, the rows handed back (``Prediction``, ``Window``, …);
 - writer.py: ``append`` never blocks a request; a background thread batches rows into one commit per
   50 ms, keeps their images, and retries while the store is down (queued rows and lag are gauges);
+- spool.py: rows the store cannot take (down, too slow, or still queued at shutdown) go to a durable local
+  file and are replayed when it answers, by this server or any replica sharing the folder;
 - retention.py: the thread that deletes what ``retention_days`` / ``retention_rows`` say to.
 
 This module is the read side, and the writes that are rare enough to go straight to the database
@@ -19,6 +21,7 @@ of the store. The names other code imports from here (the rows, the tables, ``St
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -35,6 +38,7 @@ from sqlalchemy import exc as sa_exc
 from visionloop.monitoring.images import ImageStore
 from visionloop.monitoring.retention import Retention
 from visionloop.monitoring.schema import DriftResult
+from visionloop.monitoring.spool import Spool
 from visionloop.monitoring.tables import (
     WINDOW_COLUMNS,
     Feedback,
@@ -75,6 +79,8 @@ class PredictionStore:
         retention_rows: int = 0,
         retention_interval: float = 600,
         metrics: StoreMetrics | None = None,
+        spool_dir: Path | None = None,
+        spool_max_bytes: int = 2**30,
     ) -> None:
         self.url = url
         self.display_url = masked(normalise_url(url))
@@ -90,7 +96,8 @@ class PredictionStore:
         self._schema_ready = False
         self._images_counted_at = 0.0
         self._schema_lock = threading.Lock()
-        self._writes = StoreWriter(self)
+        self.spool = Spool(spool_dir / spool_key(self.display_url), spool_max_bytes) if spool_dir and writer else None
+        self._writes = StoreWriter(self, self.spool)
         self._retention = Retention(self)
         if not writer:
             self._ensure_schema()  # a reader says at once that the store cannot be reached
@@ -109,6 +116,7 @@ class PredictionStore:
         m = settings.monitor
         image_url = settings.image_url
         images = ImageStore(image_url, int(m.image_max_mb * 2**20)) if image_url else None
+        spool_dir = Path(m.spool_dir) if m.spool_dir else settings.home / "monitoring" / "spool"
         return cls(
             settings.store_url,
             writer=writer,
@@ -119,6 +127,8 @@ class PredictionStore:
             retention_rows=m.retention_rows,
             retention_interval=m.retention_interval_seconds,
             metrics=metrics,
+            spool_dir=spool_dir.resolve(),
+            spool_max_bytes=int(m.spool_max_mb * 2**20),
         )
 
     # ------------------------------------------------------------------ connections (writer.py and retention.py use them too)
@@ -199,12 +209,18 @@ class PredictionStore:
         """Age of the oldest prediction not yet written; 0 when none is queued."""
         return self._writes.lag_seconds
 
+    @property
+    def spool_rows(self) -> int:
+        """Predictions this writer holds in the spool (spooled, or in the file it replays), not yet stored."""
+        return self._writes.spool_rows
+
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything appended so far is written (or dropped); ``timeout`` None waits for as long."""
+        """Wait until everything appended so far is written, spooled or dropped; ``timeout`` None waits for as long."""
         self._writes.flush(timeout)
 
     def close(self, timeout: float | None = None) -> None:
-        """Write what is queued (waiting up to ``timeout``, default the store timeout), then stop."""
+        """Write what is queued (waiting up to ``timeout``, default the store timeout), then stop; with a spool,
+        what the store did not take by then is spooled (fsync'd), not dropped, and replayed on the next start."""
         if self._writes.running:
             self._writes.flush(self.timeout if timeout is None else timeout)
             self._retention.stop()
@@ -225,6 +241,14 @@ class PredictionStore:
         )
         with self._read() as conn:
             found = conn.execute(query).first()
+        if found is None and self.writer and self.spool_rows:
+            # it may be one of the rows waiting in this server's spool: not unknown, not stored yet either
+            raise ApiError(
+                503,
+                f"no stored prediction with request_id {request_id!r} yet, and this server has "
+                f"{self.spool_rows} predictions waiting in its spool for the store; try again later",
+                "prediction_spooled",
+            )
         if found is None:
             raise ApiError(404, f"no prediction with request_id {request_id!r}", "unknown_request_id")
         name, version, predicted_index, predicted_label, classes_json = found
@@ -427,6 +451,12 @@ class PredictionStore:
         with self._read() as conn:
             rows = conn.execute(query).all()
         return [LabelledImage(r[0], float(r[1]), r[2], r[3], r[4], bool(r[5])) for r in rows]
+
+
+def spool_key(display_url: str) -> str:
+    """The spool's subfolder for one store (a hash of its password-masked URL): rows spooled for one store are
+    never replayed into another after monitor.store_url changes."""
+    return hashlib.sha256(display_url.encode()).hexdigest()[:16]
 
 
 def instance_name() -> str:

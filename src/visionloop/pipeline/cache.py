@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,11 +43,16 @@ def code_version() -> str:
 
 
 def folder_fingerprint(root: Path) -> str:
-    """Cheap identity of a folder of files: every relative path with its size and modification time."""
+    """Cheap identity of a folder of files: every relative path with its size and modification time.
+
+    Paths are hashed as the bytes the file system holds (``os.fsencode``): a name that is not valid
+    UTF-8 is still part of the folder's identity, and must not stop the run with a UnicodeEncodeError.
+    """
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         stat = path.stat()
-        digest.update(f"{path.relative_to(root)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(path.relative_to(root)))
+        digest.update(f"\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -178,7 +178,7 @@ def ingest_step(settings: Settings) -> IngestResult:
         channels=data.synthetic_channels,
         seed=data.split_seed,
     )
-    return ingest(data.source, settings.home, synthetic=spec, hflip=data.hflip)
+    return ingest(data.source, settings.home, synthetic=spec, hflip=data.hflip, limits=data)
 
 
 def validate_step(ingested: IngestResult, settings: Settings, show_progress: bool = False) -> ValidateOutput:

@@ -2,18 +2,18 @@
 
 ``create_app(settings)`` builds the service state and the app; ``visionloop serve`` runs it with uvicorn.
 The routes live one router per concern under ``api/routes/`` and get the state through ``api/deps.py``;
-what stays here is what wraps every route: the body cap and request metrics (``GuardMiddleware``) and
-the error handlers. Every error a client can cause is a 4xx with ``{"error": "..."}`` naming the problem.
+what stays here is what wraps every route: the shared ``GuardMiddleware`` (service/guard.py: bearer tokens
+checked before a body byte is read, the body cap and read timeout, every answer counted, 5xx and client
+disconnects included) and the error handlers. Every error a client can cause is a 4xx with
+``{"error": "..."}`` naming the problem.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,66 +23,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visionloop import __version__
 from visionloop.config import Settings
+from visionloop.service.guard import BodyLimits, GuardMiddleware, TokenRule
 from visionloop.serving.api.main import api_router
-from visionloop.serving.errors import ApiError, BodyTooLarge, first_error
+from visionloop.serving.errors import ApiError, first_error
 from visionloop.serving.service import Service
 
 log = logging.getLogger("visionloop.serve")
 
 _NO_TELEMETRY: Any = {"tracing": False, "metrics": False, "logs": False}
-
-
-class GuardMiddleware:
-    """Pure ASGI: caps the request body (413 before the app reads it), times and counts every request."""
-
-    def __init__(self, app: Any, service: Service) -> None:
-        self.app = app
-        self.service = service
-        self.limit = int(service.settings.serve.max_body_mb * 1024 * 1024)
-
-    async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = {"code": 500, "sent": False}
-
-        async def send_wrapper(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-                status["sent"] = True
-            await send(message)
-
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send_wrapper, BodyTooLarge(int(declared), self.service.settings.serve.max_body_mb))
-        else:
-            received = 0
-
-            async def receive_capped() -> dict:
-                nonlocal received
-                message = await receive()
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise BodyTooLarge(received, self.service.settings.serve.max_body_mb)
-                return message
-
-            try:
-                await self.app(scope, receive_capped, send_wrapper)
-            except BodyTooLarge as exc:  # raised outside a route's error handling
-                if not status["sent"]:
-                    await self._refuse(send_wrapper, exc)
-        route = scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics = self.service.metrics
-        metrics.requests.labels(path, scope["method"], str(status["code"])).inc()
-        metrics.request_seconds.labels(path).observe(time.perf_counter() - started)
-
-    async def _refuse(self, send: Callable, exc: ApiError) -> None:
-        self.service.metrics.bad_requests.labels(exc.reason).inc()
-        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
-        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": json.dumps({"error": exc.message}).encode()})
+ADMIN_UNAUTHORISED = "POST /admin/reload needs 'Authorization: Bearer <serve.admin_token>'"
+FEEDBACK_UNAUTHORISED = "POST /feedback needs 'Authorization: Bearer <serve.feedback_token>'"
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -106,7 +56,18 @@ def create_app(settings: Settings) -> FastAPI:
         telemetry=None if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else _NO_TELEMETRY,
     )
     app.state.service = service  # what api/deps.py hands to the routes
-    app.add_middleware(GuardMiddleware, service=service)
+    serve = settings.serve
+    app.add_middleware(
+        GuardMiddleware,
+        metrics=service.metrics,
+        limits=BodyLimits(serve.max_body_mb, "serve.max_body_mb", settings.http.body_timeout_seconds),
+        log=log,
+        tokens=[
+            TokenRule("POST", "/admin/reload", serve.admin_token, ADMIN_UNAUTHORISED),
+            TokenRule("POST", "/feedback", serve.feedback_token, FEEDBACK_UNAUTHORISED),
+        ],
+        on_refused=lambda reason: service.metrics.bad_requests.labels(reason).inc(),
+    )
     _install_error_handlers(app, service)
     app.include_router(api_router)
     return app
@@ -131,8 +92,3 @@ def _install_error_handlers(app: FastAPI, service: Service) -> None:
         if isinstance(exc.__cause__, ApiError):  # e.g. FastAPI's body parsing wraps our 413 in its 400
             return error(exc.__cause__.status, exc.__cause__.message, exc.__cause__.reason)
         return error(exc.status_code, str(exc.detail), "http_" + str(exc.status_code))
-
-    @app.exception_handler(Exception)
-    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error: %s", exc)
-        return JSONResponse({"error": f"internal error: {exc}"}, status_code=500)

@@ -13,6 +13,9 @@ How a batch is formed (Triton's dynamic batcher, with BentoML's "is it worth wai
    model's own.
 3. A request is run whole with the model that decoded it: after a hot reload, requests queued for the
    old model still run on the old model, and a batch never mixes two models.
+4. The queue is bounded (``max_queued_images``): a request that would push it over is refused at once
+   with ``Overloaded`` (503 + Retry-After) rather than queued behind seconds of work — a server that
+   cannot keep up says so, and the client or the load balancer can go elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from visionloop.serving.admission import Overloaded
 from visionloop.serving.errors import ApiError
 
 
@@ -50,8 +54,15 @@ class _Item:
 
 
 class DynamicBatcher:
-    def __init__(self, max_batch_size: int, max_wait_ms: float, observer: BatchObserver | None = None) -> None:
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_wait_ms: float,
+        observer: BatchObserver | None = None,
+        max_queued_images: int = 1024,
+    ) -> None:
         self.max_batch_size = max_batch_size
+        self.max_queued_images = max_queued_images
         self.max_wait = max_wait_ms / 1000.0
         self.observer = observer
         self._queue: deque[_Item] = deque()
@@ -68,6 +79,12 @@ class DynamicBatcher:
         """(probabilities, embeddings) for ``pixels`` (N, C, H, W), run in some batch with ``runner``."""
         if self._closing:
             raise ApiError(503, "server is shutting down", "shutting_down")
+        queued = self.queued_images
+        if queued and queued + len(pixels) > self.max_queued_images:  # a lone request always gets in
+            raise Overloaded(
+                "batch", f"{queued:,} images wait for the model (limit {self.max_queued_images:,}), this request adds "
+                f"{len(pixels):,}",
+            )  # fmt: skip
         item = _Item(runner, pixels, asyncio.get_running_loop().create_future())
         self._queue.append(item)
         self._arrival.set()

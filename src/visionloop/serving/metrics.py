@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from visionloop.monitoring.store import PredictionStore, StoreMetrics
+from visionloop.service.metrics import client_disconnects_counter
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -32,6 +33,7 @@ class ServingMetrics:
         self.bad_requests = Counter(
             "visionloop_bad_requests", "Requests refused with a 4xx, by reason.", ["reason"], registry=r
         )
+        self.client_disconnects = client_disconnects_counter(r)  # counted by service/guard.py
         self.predictions = Counter(
             "visionloop_predictions", "Images classified, by model version and predicted class.",
             ["model_version", "predicted_class"], registry=r,
@@ -68,6 +70,14 @@ class ServingMetrics:
             ["model_version", "correct"], registry=r,
         )  # fmt: skip
         self.store = PrometheusStoreMetrics(r)
+        self.overloaded = Counter(
+            "visionloop_overloaded",
+            "Requests answered 503 + Retry-After because a bounded queue was full, by queue (decode: large "
+            "uploads; parse: large JSON bodies; batch: images waiting for the model; feedback: store writes).",
+            ["queue"], registry=r,
+        )  # fmt: skip
+        for queue in ("decode", "parse", "batch", "feedback"):
+            self.overloaded.labels(queue)
 
     # the batcher reports through these two
     def observe_batch(self, size: int, seconds: float) -> None:
@@ -76,6 +86,9 @@ class ServingMetrics:
 
     def observe_queue_wait(self, seconds: float) -> None:
         self.queue_wait.observe(seconds)
+
+    def count_overloaded(self, queue: str) -> None:
+        self.overloaded.labels(queue).inc()
 
     def serving(self, name: str, version: str, dataset_version: str, loaded_at: float) -> None:
         self.model_info.clear()
@@ -91,12 +104,26 @@ class PrometheusStoreMetrics(StoreMetrics):
         r = registry
         self.errors = Counter(
             "visionloop_prediction_store_errors",
-            "Predictions lost before reaching the store, by reason (write: refused by the database or not written "
-            "at shutdown; queue_full: the in-memory queue was full).",
+            "Predictions lost before reaching the store, by reason (write: refused by the database, or not written "
+            "at shutdown without a spool; queue_full: the in-memory queue was full; spool_full: the spool was at "
+            "monitor.spool_max_mb; spool_error: the spool's disk failed).",
             ["reason"], registry=r,
         )  # fmt: skip
-        for reason in ("write", "queue_full"):
+        for reason in ("write", "queue_full", "spool_full", "spool_error"):
             self.errors.labels(reason)
+        self.spooled = Counter(
+            "visionloop_prediction_store_rows_spooled",
+            "Predictions the store could not take, written (fsync'd) to the local spool to be replayed.",
+            registry=r,
+        )
+        self.replayed = Counter(
+            "visionloop_prediction_store_rows_replayed", "Spooled predictions replayed into the store.", registry=r
+        )
+        self.spool_rows = Gauge(
+            "visionloop_prediction_store_spool_rows",
+            "Predictions this server holds in the spool (spooled or being replayed), not yet in the store.",
+            registry=r,
+        )
         self.written = Counter(
             "visionloop_prediction_store_rows_written", "Predictions committed to the store.", registry=r
         )
@@ -121,9 +148,16 @@ class PrometheusStoreMetrics(StoreMetrics):
     def rows_lost(self, reason: str, rows: int) -> None:
         self.errors.labels(reason).inc(rows)
 
+    def rows_spooled(self, rows: int) -> None:
+        self.spooled.inc(rows)
+
+    def rows_replayed(self, rows: int) -> None:
+        self.replayed.inc(rows)
+
     def image(self, result: str) -> None:
         self.images.labels(result).inc()
 
     def watch(self, store: PredictionStore) -> None:
         self.queue_rows.set_function(lambda: store.queue_rows)
         self.lag_seconds.set_function(lambda: store.lag_seconds)
+        self.spool_rows.set_function(lambda: store.spool_rows)

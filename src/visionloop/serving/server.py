@@ -1,38 +1,35 @@
-"""Run the app with uvicorn: one process, graceful SIGTERM, and a banner with the URLs to try."""
+"""Run the prediction server with uvicorn: one process, graceful SIGTERM, and a banner with the URLs to try.
+
+The uvicorn start itself (connection limits, Host allow-list, the refusal to listen publicly without
+tokens) is shared by every service and lives in ``visionloop.service.server``; the names below stay for
+the callers that import them from here.
+"""
 
 from __future__ import annotations
 
 import logging
-import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
-import uvicorn
+from visionloop.config import HttpSettings, Settings
+from visionloop.service.server import _Server, check_public_bind, run_server
+from visionloop.service.server import configure_logging as _configure
 
-from visionloop.config import Settings
+__all__ = ["_Server", "configure_logging", "run_side_service", "serve", "serving_tokens"]
 
 # a serving replica does not hang on a registry that went away either: every registry call is bounded by
 # registry.timeout_seconds, without MLflow's minutes of retries (registry.py)
 
-
-class _Server(uvicorn.Server):
-    on_started: Callable[[str, Any], None] | None = None
-
-    async def startup(self, sockets: list | None = None) -> None:
-        await super().startup(sockets)
-        if self.started and self.on_started is not None and self.servers:
-            host, port = self.servers[0].sockets[0].getsockname()[:2]
-            self.on_started(f"http://{host}:{port}", self.config.app)
+log = logging.getLogger("visionloop.serve")
 
 
 def configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    logger = logging.getLogger("visionloop.serve")
-    if not logger.handlers:
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    _configure(log)
+
+
+def serving_tokens(settings: Settings) -> dict[str, str]:
+    """The prediction server's bearer tokens by setting name (what a public bind needs set)."""
+    return {"serve.admin_token": settings.serve.admin_token, "serve.feedback_token": settings.serve.feedback_token}
 
 
 def serve(settings: Settings, access_log: bool = False, on_started: Callable[[str, Any], None] | None = None) -> None:
@@ -40,42 +37,27 @@ def serve(settings: Settings, access_log: bool = False, on_started: Callable[[st
     from visionloop.serving.app import create_app
 
     configure_logging()
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
+    check_public_bind(settings.serve.host, settings.http, serving_tokens(settings), log)
+    run_server(
+        create_app(settings),
         host=settings.serve.host,
         port=settings.serve.port,
+        http=settings.http,
+        drain_seconds=settings.serve.drain_seconds,
         access_log=access_log,
-        log_level="info" if access_log else "warning",
-        timeout_graceful_shutdown=settings.serve.drain_seconds,
-        lifespan="on",
+        on_started=on_started,
     )
-    server = _Server(config)
-    server.on_started = on_started
-    # uvicorn turns SIGTERM and Ctrl-C into a graceful shutdown, then re-raises the signal to the handler it
-    # found (the CLI's: "interrupted", exit 130, or a KeyboardInterrupt); a drained, finished server exits 0
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda _signum, _frame: None)
-    server.run()
-    if not server.started:  # the port was taken, the lifespan failed, …: uvicorn has said why
-        raise SystemExit(1)
 
 
 def run_side_service(
-    app: Any, host: str, port: int, log: logging.Logger, on_started: Callable[[str, Any], None] | None = None
+    app: Any,
+    host: str,
+    port: int,
+    log: logging.Logger,
+    on_started: Callable[[str, Any], None] | None = None,
+    http: HttpSettings | None = None,
 ) -> None:
     """``visionloop monitor`` and ``visionloop loop``: serve ``app`` until SIGINT/SIGTERM, with ``log``'s lines on
     stderr; exit 1 when it could not start (the port was taken, the lifespan failed)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    if not log.handlers:
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-    server = _Server(config)
-    server.on_started = on_started
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda _signum, _frame: None)
-    server.run()
-    if not server.started:
-        raise SystemExit(1)
+    _configure(log)
+    run_server(app, host=host, port=port, http=http or HttpSettings(), drain_seconds=5, on_started=on_started)

@@ -20,6 +20,7 @@ from PIL import Image
 from visionloop.config import Settings
 from visionloop.monitoring.stats import pixel_stats, sharpness
 from visionloop.monitoring.store import Prediction, PredictionStore, instance_name
+from visionloop.serving.admission import Pool, process_pool, thread_pool
 from visionloop.serving.batcher import DynamicBatcher
 from visionloop.serving.errors import ApiError
 from visionloop.serving.metrics import ServingMetrics
@@ -42,7 +43,14 @@ class Service:
         self.keep_images = self.predictions is not None and self.predictions.images is not None
         self.instance = instance_name()
         self.holder = ModelHolder(settings, self.metrics, self.predictions)
-        self.batcher = DynamicBatcher(settings.serve.max_batch_size, settings.serve.max_wait_ms, self.metrics)
+        serve = settings.serve
+        self.batcher = DynamicBatcher(serve.max_batch_size, serve.max_wait_ms, self.metrics, serve.max_queued_images)
+        # expensive request work runs in pools of its own, each bounded (admission.py): large uploads decode and
+        # large JSON bodies parse in lower-priority worker processes, and /feedback waits on the store in threads
+        # that no decode needs
+        self.decode_pool: Pool = process_pool("decode", serve.decode_workers, serve.decode_queue_pixels, "pixels")
+        self.parse_pool: Pool = process_pool("parse", serve.parse_workers, int(serve.parse_queue_mb * 2**20), "bytes")
+        self.feedback_pool: Pool = thread_pool("feedback", serve.feedback_workers, serve.feedback_queue, "calls")
         self._poller: asyncio.Task | None = None
         # request ids: 64 random bits per process start, then a counter — unique, and no syscall per id
         self._id_prefix = uuid.uuid4().hex[:16]
@@ -50,6 +58,8 @@ class Service:
 
     async def start(self) -> None:
         self.batcher.start()
+        self.decode_pool.warm()  # the workers import while the model loads, not on the first large upload
+        self.parse_pool.warm()
         await self.holder.reload()
         # Everything imported and loaded so far (MLflow, pydantic, the model) lives as long as the process.
         # Freezing it keeps the collector from rescanning that heap: without this, a full collection paused
@@ -65,6 +75,8 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
         await self.batcher.close()
+        for pool in (self.decode_pool, self.parse_pool, self.feedback_pool):
+            pool.shutdown()
         if self.predictions is not None:
             self.predictions.close()
 

@@ -8,11 +8,18 @@ Errors are ``{"error": "..."}`` with a 4xx status, which is what V2 clients read
 
 Our model takes one input, ``input``: UINT8 pixels, shape [N, C, H, W] as in the model card, and
 answers ``probabilities`` (FP32 [N, classes]) and ``embedding`` (FP32 [N, D]).
+
+What parsing costs is bounded before it starts: a JSON part longer than the largest valid request for
+this model could be (``max_json_bytes``) is refused with 413 unparsed, and the route parses large bodies
+in a worker process (``parse_infer_isolated``), since ``json.loads`` holds the GIL for its whole run.
+JSON that Python cannot parse — NaN/Infinity literals, an integer of more than 4,300 digits (Python's
+int-string limit), bad UTF-8, nesting too deep — is a 400 naming the problem, never a 500.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +35,10 @@ DATATYPES = {
     "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
     "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
 }  # fmt: skip
+# JSON bytes one UINT8 value can take in a valid request: "255, " is 5; pretty-printed nesting adds a newline
+# and indentation per value. Generous on purpose: the cap is there to refuse 16 MB for a 64-value model.
+JSON_BYTES_PER_VALUE = 16
+JSON_SLACK_BYTES = 64 * 1024  # id, parameters, outputs, names
 
 
 @dataclass
@@ -39,6 +50,36 @@ class InferRequest:
 
 def _bad(message: str, reason: str = "v2_request") -> ApiError:
     return ApiError(400, message, reason)
+
+
+def max_json_bytes(input_shape: tuple[int, int, int], max_images: int) -> int:
+    """The longest JSON part a valid request for ``input_shape`` can have (every value as JSON text)."""
+    return max_images * int(np.prod(input_shape)) * JSON_BYTES_PER_VALUE + JSON_SLACK_BYTES
+
+
+def max_body_bytes(input_shape: tuple[int, int, int], max_images: int, binary: bool) -> int:
+    """The longest body a valid request can have: its JSON, plus the raw pixels in binary framing. A longer
+    Content-Length is refused before a byte of the body is read."""
+    pixels = max_images * int(np.prod(input_shape)) if binary else 0
+    return max_json_bytes(input_shape, max_images) + pixels
+
+
+def json_length(body: bytes, header_length: str | None) -> int:
+    """Bytes of JSON in ``body`` (all of it, or the header the client declares), for the size checks."""
+    if header_length is None:
+        return len(body)
+    try:
+        return min(max(int(header_length), 0), len(body))
+    except ValueError:
+        return len(body)  # _split says what is wrong with the header
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NonFinite(f"non-finite number {name} (JSON has no NaN or Infinity; a pixel is an integer from 0 to 255)")
 
 
 def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -53,11 +94,16 @@ def _split(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
             raise _bad(f"Inference-Header-Content-Length {n} does not fit a body of {len(body)} bytes")
         json_part, binary = body[:n], body[n:]
     try:
-        header = json.loads(json_part)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _bad(f"request is not valid JSON: {exc}") from None
+        header = json.loads(json_part, parse_constant=_refuse_constant)
+    except _NonFinite as exc:
+        raise _bad(f"request is not valid JSON: {exc}", "non_finite") from None
     except RecursionError:
         raise _bad("request is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, bad UTF-8, and an integer past Python's int-string limit
+        if "integer string conversion" in str(exc):
+            limit = sys.get_int_max_str_digits()
+            raise _bad(f"request is not valid JSON: an integer literal has more than {limit:,} digits") from None
+        raise _bad(f"request is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise _bad("request must be a JSON object with an 'inputs' list")
     return header, binary
@@ -67,6 +113,15 @@ def parse_infer(
     body: bytes, header_length: str | None, input_shape: tuple[int, int, int], max_images: int
 ) -> InferRequest:
     """Decode and check an infer request for a model taking UINT8 ``input`` of ``[N, *input_shape]``."""
+    limit = max_json_bytes(input_shape, max_images)
+    if json_length(body, header_length) > limit:
+        raise ApiError(
+            413,
+            f"the JSON part of this request is {json_length(body, header_length):,} bytes; a request for input "
+            f"{[-1, *input_shape]} with at most {max_images} images needs at most {limit:,} (send pixels as "
+            "binary data, Inference-Header-Content-Length, or fewer images)",
+            "body_too_large",
+        )
     header, binary = _split(body, header_length)
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -112,6 +167,17 @@ def parse_infer(
             raise _bad("binary data follows the header but no input declares binary_data_size")
         pixels = _json_pixels(spec.get("data"), shape, count)
     return InferRequest(_request_id(header), pixels, _requested_outputs(header))
+
+
+def parse_infer_isolated(
+    body: bytes, header_length: str | None, input_shape: tuple[int, int, int], max_images: int
+) -> InferRequest | tuple[int, str, str]:
+    """``parse_infer`` for a worker process: a refusal comes back as (status, message, reason), plain data that
+    crosses the process boundary (ApiError's constructor does not round-trip through pickle)."""
+    try:
+        return parse_infer(body, header_length, input_shape, max_images)
+    except ApiError as exc:
+        return exc.status, exc.message, exc.reason
 
 
 def _json_pixels(data: Any, shape: list[int], count: int) -> np.ndarray:

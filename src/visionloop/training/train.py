@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,9 +179,21 @@ def _read_checkpoint(path: Path, dataset_version: str, spec: ModelSpec, settings
     if not path.is_file():
         raise TrainingError(f"--resume given but there is no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint holds tensors and plain values (see _checkpoint), so nothing in it may run
+        # code on load; a file that holds any other pickled object is refused, not executed
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise TrainingError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from None
+        first = next((line for line in str(exc).splitlines() if "Unsupported global" in line), "")
+        raise TrainingError(
+            f"checkpoint {path} refused: it holds objects other than tensors and plain values "
+            f"({' '.join(first.split())[:200] or 'weights_only load failed'}); delete it to start over"
+        ) from None
     except Exception as exc:
-        raise TrainingError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from None
+        raise TrainingError(
+            f"checkpoint {path} is unreadable ({' '.join(str(exc).split())[:300]}); delete it to start over"
+        ) from None
     if ckpt["dataset_version"] != dataset_version or ckpt["spec"] != spec.to_dict():
         raise TrainingError(
             f"checkpoint {path} belongs to another dataset or model shape "

@@ -1,6 +1,6 @@
 """The monitor on real traffic: a real registry and exported digits model, the real server app writing the
 store, then drift checks — in-distribution traffic stays quiet, inverted digits are drift; live accuracy
-follows /feedback; `visionloop monitor check` exits 0/1; the server's GET /monitoring/drift and the
+follows /feedback; `visionloop monitor check` exits 0/1/2, and 3 when the labels say the model is wrong; the server's GET /monitoring/drift and the
 monitor service's GET /drift and /metrics answer with the stored result; an old version without a
 profile gets one rebuilt from its dataset."""
 
@@ -94,7 +94,7 @@ def test_in_distribution_traffic_is_not_drift_and_live_accuracy_follows_feedback
 
 
 def test_inverted_digits_are_drift_with_reasons(settings, server, uploads):
-    send(server, inverted(uploads[100:200]))
+    send(server, inverted(uploads[100:200]), feedback=False)  # drift alone: the labels stay the clean ones
     monitor = Monitor(settings)
     result = monitor.check()
     monitor.close()
@@ -150,6 +150,40 @@ def test_monitor_service_serves_drift_and_metrics(settings):
     assert 'visionloop_drift_detected{model_version="1"} 1.0' in metrics
     assert 'visionloop_live_accuracy_samples{model_version="1"}' in metrics
     assert "visionloop_drift_p_value{" in metrics and "visionloop_monitor_checks_total" in metrics
+
+
+def test_labels_that_contradict_the_model_are_a_verdict_and_an_exit_code_of_their_own(settings, server, uploads):
+    # in-distribution images again, every label wrong: the inputs look unchanged, the model is wrong now
+    for start in range(200, 300, 20):
+        chunk = uploads[start : start + 20]
+        files = [("file", (f"{i}.png", data, "image/png")) for i, (data, _) in enumerate(chunk)]
+        answer = server.post("/predict", files=files)
+        assert answer.status_code == 200, answer.text
+        for prediction in answer.json()["predictions"]:
+            given = (int(prediction["label"]) + 1) % 10  # contradicts the model's answer, whatever the truth
+            sent = server.post("/feedback", json={"request_id": prediction["request_id"], "label": given})
+            assert sent.status_code == 200 and not sent.json()["correct"], sent.text
+    server.app.state.service.predictions.flush()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VISIONLOOP_", "MLFLOW_"))}
+    env |= {"VISIONLOOP_HOME": str(settings.home), "VISIONLOOP_REGISTRY__MODEL_NAME": "monitored", "COLUMNS": "80"}
+    env |= {f"VISIONLOOP_MONITOR__{k.upper()}": str(v) for k, v in MONITOR.items()}
+    done = subprocess.run([*VISIONLOOP, "monitor", "check"], env=env, capture_output=True, text=True)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "accuracy_below_floor" in done.stdout
+    assert "live accuracy 0.000 on 100 labels < 0.90 (monitor.min_accuracy; v1)" in done.stdout
+    # the table at 80 columns: every test's name whole, in its own cell
+    assert max(len(line) for line in done.stdout.splitlines()) <= 80, done.stdout
+    cells = {line.split()[0] for line in done.stdout.splitlines() if line.strip()}
+    with TestClient(create_app(settings)) as client:
+        client.post("/check")  # after the timer's first check, whatever it found
+        drift = client.get("/drift").json()
+        metrics = client.get("/metrics").text
+    assert drift["status"] == "accuracy_below_floor" and drift["reasons"][0].startswith("live accuracy 0.000 on 100")
+    assert drift["tests"] and {t["name"] for t in drift["tests"]} <= cells, done.stdout
+    assert 'visionloop_monitor_status{status="accuracy_below_floor"} 1.0' in metrics
+    assert 'visionloop_live_accuracy_below_floor{model_version="1"} 1.0' in metrics
+    # the server's view of the stored check says the same
+    assert server.get("/monitoring/drift").json()["status"] == "accuracy_below_floor"
 
 
 def test_a_version_without_a_profile_gets_one_rebuilt_from_its_dataset(settings, strong_export, digits_dataset):

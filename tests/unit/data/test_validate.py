@@ -250,3 +250,24 @@ def test_os_metadata_is_neither_a_class_nor_a_bad_file(make_image_folder, tmp_ho
     assert report.total_files == result.num_files == 10
     assert report.bad_files == {}
     assert report.passed, report.errors
+
+
+def test_inspect_file_does_not_read_the_whole_file_into_memory(tmp_path, write_png):
+    """A small image followed by 24 MiB of trailing bytes (Pillow stops at the image's end): decoding and hashing
+    stream from the path, so the peak of Python allocations stays far below the file's size."""
+    import hashlib
+    import tracemalloc
+
+    path = write_png(tmp_path / "padded.png", size=8)
+    with path.open("ab") as fh:
+        for _ in range(24):
+            fh.write(bytes(1 << 20))
+    tracemalloc.start()
+    try:
+        mode, width, height, digest = inspect_file(path, max_pixels=1000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (mode, width, height) == ("RGB", 8, 8)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()  # the hash is still of the whole file
+    assert peak < 4 << 20, peak

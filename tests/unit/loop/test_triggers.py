@@ -300,3 +300,15 @@ def test_live_accuracy_at_the_floor_is_no_trigger(settings, store):
     label(store, correct=0, wrong=1, prefix="more")  # 9 / 11 is under it
     trigger = from_accuracy(settings, store, "1")
     assert trigger is not None and trigger.details["labels"] == 11
+
+
+def test_an_accuracy_verdict_is_the_accuracy_triggers_not_the_verdicts(settings, store):
+    now = time.time()
+    low = "live accuracy 0.000 on 200 labels < 0.90 (monitor.min_accuracy; v1)"
+    quiet = drift_check(now - 2, drifted=False).model_copy(update={"status": "accuracy_below_floor", "reasons": [low]})
+    store.save_check(quiet)
+    assert from_verdict(settings, store, "1", now=now) is None  # no drift: the accuracy trigger's to act on
+    both = drift_check(now - 1, drifted=True)
+    store.save_check(both.model_copy(update={"status": "accuracy_below_floor", "reasons": [low, *both.reasons]}))
+    trigger = from_verdict(settings, store, "1", now=now)
+    assert trigger is not None and "ks:image_mean" in trigger.reason and "live accuracy" not in trigger.reason

@@ -186,3 +186,12 @@ def test_failure_to_write_leaves_no_partial_file(tmp_path: Path) -> None:
     with pytest.raises(VisionloopError, match="cannot write the report"):
         write_report(blocker / "report.html", **inputs())
     assert blocker.read_text() == "x"
+
+
+def test_live_accuracy_under_the_floor_is_the_verdict_with_its_reason(tmp_path: Path) -> None:
+    reason = "live accuracy 0.600 on 50 labels < 0.90 (monitor.min_accuracy; v3)"
+    latest = make_result(status="ok").model_copy(update={"status": "accuracy_below_floor", "reasons": [reason]})
+    _, page = render(tmp_path, latest=latest)
+    assert ">live accuracy below floor</span>" in page  # the badge, in the alarm colour
+    assert f"<li>{reason.replace('<', '&lt;')}</li>" in page
+    assert "below floor</td></tr>" in page  # the accuracy table's row

@@ -281,7 +281,7 @@ def test_two_processes_train_one_model_in_lock_step(two_processes):
     assert rank0["epochs_run"] == 4 and [h["epoch"] for h in rank0["history"]] == [1, 2, 3, 4]
     # rank 0 alone wrote files: one checkpoint and one model, nothing else
     assert sorted(p.name for p in (out / "straight").iterdir()) == ["last.pt", "model.pt"]
-    checkpoint = torch.load(out / "straight" / "last.pt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(out / "straight" / "last.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 4
     assert not any(k.startswith("module.") for k in checkpoint["model"])  # the plain module, no DDP wrapper
     model, _ = load_model(out / "straight" / "model.pt")

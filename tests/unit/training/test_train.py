@@ -47,7 +47,7 @@ def test_training_writes_model_checkpoint_and_history(trained, tiny_dataset):
     assert list(trained.spec.mean) == manifest.mean and list(trained.spec.std) == manifest.std
     assert not model.training  # load_model hands back an eval-mode model
 
-    checkpoint = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)
     assert checkpoint["epoch"] == 2
     assert checkpoint["dataset_version"] == manifest.version
     assert checkpoint["history"] == trained.history
@@ -110,8 +110,8 @@ def test_interrupted_then_resumed_run_equals_an_uninterrupted_run(tiny_dataset, 
     ]
     assert_same_weights(weights(resumed.model_path), weights(straight.model_path))
     # the final (not only the best) state matches too: compare the last checkpoints
-    last_straight = torch.load(tmp_path / "straight" / "last.pt", map_location="cpu", weights_only=False)
-    last_resumed = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False)
+    last_straight = torch.load(tmp_path / "straight" / "last.pt", map_location="cpu", weights_only=True)
+    last_resumed = torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)
     assert_same_weights(last_straight["model"], last_resumed["model"])
 
 
@@ -203,7 +203,7 @@ def test_early_stopping_when_val_accuracy_cannot_improve(tiny_dataset, tiny_sett
     weights_after: dict[int, dict[str, torch.Tensor]] = {}
 
     def last_checkpoint() -> dict[str, torch.Tensor]:
-        return torch.load(out_dir / "last.pt", map_location="cpu", weights_only=False)["model"]
+        return torch.load(out_dir / "last.pt", map_location="cpu", weights_only=True)["model"]
 
     def keep_weights(epoch: int, _metrics: dict[str, float]) -> None:
         # on_epoch runs before epoch `epoch` is checkpointed: last.pt still holds the epoch before

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 
 from visionloop import __version__
 from visionloop.serving import v2 as codec
+from visionloop.serving.admission import Overloaded, overloaded_response
 from visionloop.serving.api.deps import ServiceDep
 from visionloop.serving.errors import ApiError
 from visionloop.serving.model import LoadedModel
@@ -100,16 +101,15 @@ async def v2_model_ready(name: str, service: ServiceDep, version: str | None = N
 @router.post("/v2/models/{name}/versions/{version}/infer", responses=ERRORS, openapi_extra=V2_BODY)
 async def v2_infer(name: str, request: Request, service: ServiceDep, version: str | None = None) -> Response:
     """Infer with the V2 protocol: `input` UINT8 [N, C, H, W] → `probabilities`, `embedding` (FP32).
-    Binary tensors (Inference-Header-Content-Length) and JSON data are both accepted."""
+    Binary tensors (Inference-Header-Content-Length) and JSON data are both accepted. A full queue answers
+    503 with `Retry-After`."""
     model = served_model(service, name, version)
-    with service.batcher.arriving():
-        parsed = codec.parse_infer(
-            await request.body(),
-            request.headers.get(codec.HEADER_LENGTH),
-            (model.channels, model.image_size, model.image_size),
-            service.settings.serve.max_images,
-        )
-    probs, embeddings = await service.classify(model, parsed.pixels)
+    try:
+        with service.batcher.arriving():
+            parsed = await _parse(service, model, request)
+        probs, embeddings = await service.classify(model, parsed.pixels)
+    except Overloaded as exc:
+        return overloaded_response(exc, service.metrics.count_overloaded)
     side = model.image_size
     ids = service.record(
         model, "v2", parsed.pixels, probs, embeddings, [(side, side)] * len(probs), [None] * len(probs)
@@ -118,3 +118,30 @@ async def v2_infer(name: str, request: Request, service: ServiceDep, version: st
         model.name, model.version, parsed, {"probabilities": probs, "embedding": embeddings}, {"request_ids": ids}
     )
     return Response(content, headers=headers)
+
+
+async def _parse(service: Service, model: LoadedModel, request: Request) -> codec.InferRequest:
+    """Parse inline when the JSON part is small; else in the bounded parse worker process, where json.loads
+    (which holds the GIL for its whole run: seconds for 16 MB) cannot stop the event loop."""
+    serve = service.settings.serve
+    header_length = request.headers.get(codec.HEADER_LENGTH)
+    shape = (model.channels, model.image_size, model.image_size)
+    declared = request.headers.get("content-length", "")
+    limit = codec.max_body_bytes(shape, serve.max_images, header_length is not None)
+    if declared.isdigit() and int(declared) > limit:  # refused before the body is read: 16 MB costs nothing
+        raise ApiError(
+            413,
+            f"request body of {int(declared):,} bytes is longer than any valid request for input "
+            f"{[-1, *shape]} with at most {serve.max_images} images ({limit:,} bytes)",
+            "body_too_large",
+        )
+    body = await request.body()
+    size = codec.json_length(body, header_length)
+    if size <= serve.parse_inline_kb * 1024 or size > codec.max_json_bytes(shape, serve.max_images):
+        return codec.parse_infer(body, header_length, shape, serve.max_images)  # small, or refused unparsed
+    parsed = await service.parse_pool.run(
+        len(body), codec.parse_infer_isolated, body, header_length, shape, serve.max_images
+    )
+    if isinstance(parsed, tuple):
+        raise ApiError(*parsed)
+    return parsed
