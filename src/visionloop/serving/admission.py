@@ -32,12 +32,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from fastapi.responses import JSONResponse
-
 from visionloop.serving.errors import ApiError
 
 T = TypeVar("T")
 RETRY_AFTER_SECONDS = 1  # the queues drain in well under a second when the flood stops; clients back off
+RETRY_LATER = {"Retry-After": str(RETRY_AFTER_SECONDS)}  # the header of every 503 that asks the client back
 WORKER_NICE = 10  # worker processes yield the CPU to the server's own process (nice 0) when both want it
 
 
@@ -45,19 +44,8 @@ class Overloaded(ApiError):
     """A bounded queue is full: 503 with Retry-After; ``queue`` labels visionloop_overloaded_total."""
 
     def __init__(self, queue: str, message: str) -> None:
-        super().__init__(503, f"server busy: {message}; retry after {RETRY_AFTER_SECONDS} s", "overloaded")
+        super().__init__(503, f"server busy: {message}; retry after {RETRY_AFTER_SECONDS} s", "overloaded", RETRY_LATER)
         self.queue = queue
-
-
-def retry_later(message: str) -> JSONResponse:
-    """503 ``{"error": message}`` with ``Retry-After``: the server is fine, this request came at a bad moment."""
-    return JSONResponse({"error": message}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-
-
-def overloaded_response(exc: Overloaded, count: Callable[[str], None]) -> JSONResponse:
-    """The 503 a route answers for ``exc``, counted by queue (``count``)."""
-    count(exc.queue)
-    return retry_later(exc.message)
 
 
 class Admission:

@@ -24,8 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from visionloop import __version__
 from visionloop.config import Settings
 from visionloop.service.guard import BodyLimits, GuardMiddleware, TokenRule
+from visionloop.serving.admission import Overloaded
 from visionloop.serving.api.main import api_router
 from visionloop.serving.errors import ApiError, first_error
+from visionloop.serving.metrics import ServingMetrics
 from visionloop.serving.service import Service
 
 log = logging.getLogger("visionloop.serve")
@@ -73,22 +75,27 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
-def _install_error_handlers(app: FastAPI, service: Service) -> None:
-    def error(status: int, message: str, reason: str) -> JSONResponse:
-        if 400 <= status < 500:
-            service.metrics.bad_requests.labels(reason).inc()
-        return JSONResponse({"error": message}, status_code=status)
+def error_response(exc: ApiError, metrics: ServingMetrics) -> JSONResponse:
+    """``{"error": ...}`` with the error's status and headers (Retry-After on an overload); a 4xx is counted by
+    reason, a full queue's 503 by queue."""
+    if 400 <= exc.status < 500:
+        metrics.bad_requests.labels(exc.reason).inc()
+    if isinstance(exc, Overloaded):
+        metrics.count_overloaded(exc.queue)
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
+
+def _install_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return error(exc.status, exc.message, exc.reason)
+        return error_response(exc, service.metrics)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(422, f"invalid request: {first_error(exc)}", "invalid_request")
+        return error_response(ApiError(422, f"invalid request: {first_error(exc)}", "invalid_request"), service.metrics)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.__cause__, ApiError):  # e.g. FastAPI's body parsing wraps our 413 in its 400
-            return error(exc.__cause__.status, exc.__cause__.message, exc.__cause__.reason)
-        return error(exc.status_code, str(exc.detail), "http_" + str(exc.status_code))
+            return error_response(exc.__cause__, service.metrics)
+        return error_response(ApiError(exc.status_code, str(exc.detail), f"http_{exc.status_code}"), service.metrics)

@@ -6,20 +6,27 @@ from __future__ import annotations
 class ApiError(Exception):
     """A client or availability problem with its HTTP status; ``reason`` labels the bad-request metric."""
 
-    def __init__(self, status: int, message: str, reason: str = "bad_request") -> None:
+    def __init__(
+        self, status: int, message: str, reason: str = "bad_request", headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.reason = reason
+        self.headers = headers  # sent with the answer, e.g. Retry-After on a 503
+
+    def __reduce__(self) -> tuple:
+        """Pickle as the same error with the same fields: the decode and parse worker processes raise it, and
+        ``concurrent.futures`` re-raises it in the server (Exception's own pickling would call ``__init__`` with
+        the message alone)."""
+        return _rebuild, (type(self), dict(self.__dict__))
 
 
-class BodyTooLarge(ApiError):
-    """Raised from the capped body stream when a body without Content-Length runs over the limit."""
-
-    def __init__(self, size: int, limit_mb: float) -> None:
-        super().__init__(
-            413, f"request body of {size:,}+ bytes is over the limit of {limit_mb:g} MiB", "body_too_large"
-        )
+def _rebuild(cls: type[ApiError], fields: dict) -> ApiError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, fields["message"])
+    error.__dict__.update(fields)
+    return error
 
 
 def first_error(exc: Exception) -> str:

@@ -9,7 +9,7 @@ other than the model's.
 Decoding is split in two so that the route can decide where it runs from what it will cost:
 ``open_upload`` reads only the header (width x height, mode) and is cheap enough for the event loop;
 ``finish`` decodes the pixels and applies the transform, which for a 4900x4900 PNG of 200 KB takes
-a quarter of a second of CPU. Large uploads go whole to ``decode_isolated`` in a worker process
+a quarter of a second of CPU. Large uploads go whole to ``decode_all`` in a worker process
 (``serving/admission.py`` says why).
 """
 
@@ -128,15 +128,11 @@ def decode(data: bytes, transform: InputTransform, max_pixels: int, convert: boo
     return finish(open_upload(data, transform, max_pixels, convert, name), transform)
 
 
-def decode_isolated(
+def decode_all(
     uploads: list[tuple[str, bytes]], transform: InputTransform, max_pixels: int, convert: bool
-) -> list[DecodedImage] | tuple[int, str, str]:
-    """``decode`` every upload, for a worker process: a refusal comes back as (status, message, reason), plain
-    data that crosses the process boundary (ApiError's constructor does not round-trip through pickle)."""
-    try:
-        return [decode(data, transform, max_pixels, convert, name) for name, data in uploads]
-    except ApiError as exc:
-        return exc.status, exc.message, exc.reason
+) -> list[DecodedImage]:
+    """``decode`` every upload: what the decode worker process runs (an ApiError comes back to the server whole)."""
+    return [decode(data, transform, max_pixels, convert, name) for name, data in uploads]
 
 
 def parse_predict_json(body: bytes, max_images: int) -> tuple[list[tuple[str, bytes]], int | None, bool | None]:
@@ -157,13 +153,3 @@ def parse_predict_json(body: bytes, max_images: int) -> tuple[list[tuple[str, by
         except (binascii.Error, ValueError):
             raise ApiError(422, f"images[{i}] is not valid base64", "bad_base64") from None
     return uploads, parsed.top_k, parsed.convert
-
-
-def parse_predict_json_isolated(
-    body: bytes, max_images: int
-) -> tuple[list[tuple[str, bytes]], int | None, bool | None] | tuple[int, str, str]:
-    """``parse_predict_json`` for a worker process; a refusal comes back as (status, message, reason)."""
-    try:
-        return parse_predict_json(body, max_images)
-    except ApiError as exc:
-        return exc.status, exc.message, exc.reason

@@ -11,7 +11,7 @@ answers ``probabilities`` (FP32 [N, classes]) and ``embedding`` (FP32 [N, D]).
 
 What parsing costs is bounded before it starts: a JSON part longer than the largest valid request for
 this model could be (``max_json_bytes``) is refused with 413 unparsed, and the route parses large bodies
-in a worker process (``parse_infer_isolated``), since ``json.loads`` holds the GIL for its whole run.
+in a worker process, since ``json.loads`` holds the GIL for its whole run.
 JSON that Python cannot parse — NaN/Infinity literals, an integer of more than 4,300 digits (Python's
 int-string limit), bad UTF-8, nesting too deep — is a 400 naming the problem, never a 500.
 """
@@ -167,17 +167,6 @@ def parse_infer(
             raise _bad("binary data follows the header but no input declares binary_data_size")
         pixels = _json_pixels(spec.get("data"), shape, count)
     return InferRequest(_request_id(header), pixels, _requested_outputs(header))
-
-
-def parse_infer_isolated(
-    body: bytes, header_length: str | None, input_shape: tuple[int, int, int], max_images: int
-) -> InferRequest | tuple[int, str, str]:
-    """``parse_infer`` for a worker process: a refusal comes back as (status, message, reason), plain data that
-    crosses the process boundary (ApiError's constructor does not round-trip through pickle)."""
-    try:
-        return parse_infer(body, header_length, input_shape, max_images)
-    except ApiError as exc:
-        return exc.status, exc.message, exc.reason
 
 
 def _json_pixels(data: Any, shape: list[int], count: int) -> np.ndarray:

@@ -8,8 +8,10 @@ import threading
 import numpy as np
 import pytest
 
-from visionloop.serving.admission import RETRY_AFTER_SECONDS, Admission, Overloaded, overloaded_response, thread_pool
+from visionloop.serving.admission import RETRY_AFTER_SECONDS, Admission, Overloaded, thread_pool
+from visionloop.serving.app import error_response
 from visionloop.serving.batcher import DynamicBatcher
+from visionloop.serving.metrics import ServingMetrics
 
 GUARD_S = 30  # only so a broken pool fails the test instead of hanging it
 
@@ -32,11 +34,14 @@ def test_a_lone_job_larger_than_the_limit_still_runs() -> None:
 
 
 def test_the_503_carries_retry_after_and_is_counted() -> None:
-    counted: list[str] = []
-    response = overloaded_response(Overloaded("batch", "full"), counted.append)
+    metrics = ServingMetrics()
+    response = error_response(Overloaded("batch", "full"), metrics)
+    counted = {
+        queue: metrics.overloaded.labels(queue)._value.get() for queue in ("decode", "parse", "batch", "feedback")
+    }
     assert response.status_code == 503
     assert response.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
-    assert b"server busy: full" in response.body and counted == ["batch"]
+    assert b"server busy: full" in response.body and counted == {"decode": 0, "parse": 0, "batch": 1, "feedback": 0}
 
 
 def test_a_full_pool_refuses_while_its_worker_is_busy() -> None:

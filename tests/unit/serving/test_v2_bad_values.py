@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import pickle
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from PIL import Image
 from visionloop.data.transform import InputTransform
 from visionloop.serving.errors import ApiError
 from visionloop.serving.images import decode
-from visionloop.serving.v2 import InferRequest, max_body_bytes, max_json_bytes, parse_infer, parse_infer_isolated
+from visionloop.serving.v2 import InferRequest, max_body_bytes, max_json_bytes, parse_infer
 
 SHAPE = (1, 2, 2)
 MAX_IMAGES = 2
@@ -57,11 +59,16 @@ def test_a_json_part_longer_than_any_valid_request_is_refused_unparsed() -> None
     assert len(pretty) <= limit and len(parse_infer(pretty, None, SHAPE, MAX_IMAGES).pixels) == 2
 
 
-def test_the_worker_process_entry_returns_refusals_as_plain_data() -> None:
-    refused = parse_infer_isolated(body_with("[NaN,0,0,0]"), None, SHAPE, MAX_IMAGES)
-    assert refused == pickle.loads(pickle.dumps(refused))
-    assert isinstance(refused, tuple) and refused[0] == 400
-    parsed = parse_infer_isolated(body_with("[1,2,3,4]"), None, SHAPE, MAX_IMAGES)
+def test_a_refusal_in_the_worker_process_comes_back_to_the_server_whole() -> None:
+    with pytest.raises(ApiError) as refused:
+        parse_infer(body_with("[NaN,0,0,0]"), None, SHAPE, MAX_IMAGES)
+    copy = pickle.loads(pickle.dumps(refused.value))  # what concurrent.futures does across the process boundary
+    assert (type(copy), copy.status, copy.message, copy.reason) == (ApiError, 400, refused.value.message, "non_finite")
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with pytest.raises(ApiError, match="non-finite number NaN") as remote:
+            pool.submit(parse_infer, body_with("[NaN,0,0,0]"), None, SHAPE, MAX_IMAGES).result(timeout=60)
+        parsed = pool.submit(parse_infer, body_with("[1,2,3,4]"), None, SHAPE, MAX_IMAGES).result(timeout=60)
+    assert remote.value.status == 400 and remote.value.reason == "non_finite"
     assert isinstance(parsed, InferRequest) and parsed.pixels.reshape(-1).tolist() == [1, 2, 3, 4]
 
 

@@ -10,16 +10,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visionloop.data.transform import InputTransform
-from visionloop.serving.admission import Overloaded, overloaded_response
 from visionloop.serving.api.deps import ServiceDep
 from visionloop.serving.errors import ApiError
 from visionloop.serving.images import (
     DecodedImage,
-    decode_isolated,
+    decode_all,
     finish,
     open_upload,
     parse_predict_json,
-    parse_predict_json_isolated,
 )
 from visionloop.serving.schemas import ERRORS, PredictJson, PredictResponse
 from visionloop.serving.service import Service
@@ -67,15 +65,12 @@ async def predict(
     A full queue answers 503 with `Retry-After`."""
     serve = service.settings.serve
     model = service.model()
-    try:
-        with service.batcher.arriving():
-            uploads, top_k, convert = await _read_uploads(request, service, top_k, convert)
-            allow = serve.convert if convert is None else convert
-            images = await _decode(service, model.transform, uploads, allow)
-            pixels = np.stack([img.pixels for img in images])
-        probs, embeddings = await service.classify(model, pixels)
-    except Overloaded as exc:
-        return overloaded_response(exc, service.metrics.count_overloaded)
+    with service.batcher.arriving():
+        uploads, top_k, convert = await _read_uploads(request, service, top_k, convert)
+        allow = serve.convert if convert is None else convert
+        images = await _decode(service, model.transform, uploads, allow)
+        pixels = np.stack([img.pixels for img in images])
+    probs, embeddings = await service.classify(model, pixels)
     ids = service.record(
         model, "predict", pixels, probs, embeddings,
         [(img.width, img.height) for img in images], [img.converted for img in images],
@@ -113,10 +108,7 @@ async def _decode(
         return [finish(o, transform) for o in opened]
     for o in opened:
         o.image.close()
-    decoded = await service.decode_pool.run(pixels, decode_isolated, uploads, transform, serve.max_pixels, convert)
-    if isinstance(decoded, tuple):
-        raise ApiError(*decoded)
-    return decoded
+    return await service.decode_pool.run(pixels, decode_all, uploads, transform, serve.max_pixels, convert)
 
 
 async def _read_uploads(
@@ -149,9 +141,7 @@ async def _read_uploads(
         if len(raw) <= service.settings.serve.parse_inline_kb * 1024:
             parsed = parse_predict_json(raw, max_images)
         else:  # pydantic's parse of 16 MB holds the GIL for a quarter of a second: not on the event loop
-            parsed = await service.parse_pool.run(len(raw), parse_predict_json_isolated, raw, max_images)
-            if isinstance(parsed[0], int):
-                raise ApiError(*parsed)
+            parsed = await service.parse_pool.run(len(raw), parse_predict_json, raw, max_images)
         uploads, json_top_k, json_convert = parsed
         top_k = json_top_k or top_k
         convert = convert if json_convert is None else json_convert

@@ -11,7 +11,6 @@ from fastapi.responses import JSONResponse, Response
 
 from visionloop import __version__
 from visionloop.serving import v2 as codec
-from visionloop.serving.admission import Overloaded, overloaded_response
 from visionloop.serving.api.deps import ServiceDep
 from visionloop.serving.errors import ApiError
 from visionloop.serving.model import LoadedModel
@@ -104,12 +103,9 @@ async def v2_infer(name: str, request: Request, service: ServiceDep, version: st
     Binary tensors (Inference-Header-Content-Length) and JSON data are both accepted. A full queue answers
     503 with `Retry-After`."""
     model = served_model(service, name, version)
-    try:
-        with service.batcher.arriving():
-            parsed = await _parse(service, model, request)
-        probs, embeddings = await service.classify(model, parsed.pixels)
-    except Overloaded as exc:
-        return overloaded_response(exc, service.metrics.count_overloaded)
+    with service.batcher.arriving():
+        parsed = await _parse(service, model, request)
+    probs, embeddings = await service.classify(model, parsed.pixels)
     side = model.image_size
     ids = service.record(
         model, "v2", parsed.pixels, probs, embeddings, [(side, side)] * len(probs), [None] * len(probs)
@@ -139,9 +135,4 @@ async def _parse(service: Service, model: LoadedModel, request: Request) -> code
     size = codec.json_length(body, header_length)
     if size <= serve.parse_inline_kb * 1024 or size > codec.max_json_bytes(shape, serve.max_images):
         return codec.parse_infer(body, header_length, shape, serve.max_images)  # small, or refused unparsed
-    parsed = await service.parse_pool.run(
-        len(body), codec.parse_infer_isolated, body, header_length, shape, serve.max_images
-    )
-    if isinstance(parsed, tuple):
-        raise ApiError(*parsed)
-    return parsed
+    return await service.parse_pool.run(len(body), codec.parse_infer, body, header_length, shape, serve.max_images)
