@@ -30,7 +30,7 @@ from visionloop.loop.engine import Ack, Engine
 from visionloop.loop.triggers import AlertmanagerPayload, Trigger, from_alerts
 from visionloop.service.app import guard_side_service
 from visionloop.service.guard import TokenRule
-from visionloop.service.server import check_public_bind
+from visionloop.service.server import run_side_service
 
 log = logging.getLogger("visionloop.loop")
 UNAUTHORISED = "POST needs Authorization: Bearer <loop.webhook_token>"
@@ -137,8 +137,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Any:
 def run_service(settings: Settings, on_started: Any = None) -> None:
     """``visionloop loop``: serve until SIGINT/SIGTERM. A run in progress stops with the process and is
     taken up again by the next one (its phase is in the store)."""
-    from visionloop.serving.server import run_side_service
-
     group = settings.loop
-    check_public_bind(group.host, settings.http, {"loop.webhook_token": group.webhook_token}, log)
-    run_side_service(create_app(settings), group.host, group.port, log, on_started, http=settings.http)
+    run_side_service(
+        lambda: create_app(settings), host=group.host, port=group.port, http=settings.http,
+        tokens={"loop.webhook_token": group.webhook_token}, log=log, on_started=on_started,
+    )  # fmt: skip

@@ -283,9 +283,10 @@ def create_app(settings: Settings, monitor: Monitor | None = None) -> Any:
 
 def run_service(settings: Settings, on_started: Any = None) -> None:
     """``visionloop monitor``: serve until SIGINT/SIGTERM."""
-    from visionloop.service.server import check_public_bind
-    from visionloop.serving.server import run_side_service
+    from visionloop.service.server import run_side_service
 
     group = settings.monitor
-    check_public_bind(group.host, settings.http, {"monitor.token": group.token}, log)
-    run_side_service(create_app(settings), group.host, group.port, log, on_started, http=settings.http)
+    run_side_service(
+        lambda: create_app(settings), host=group.host, port=group.port, http=settings.http,
+        tokens={"monitor.token": group.token}, log=log, on_started=on_started,
+    )  # fmt: skip

@@ -155,3 +155,20 @@ def run_server(
     server.run()
     if not server.started:  # the port was taken, the lifespan failed, …: uvicorn has said why
         raise SystemExit(1)
+
+
+def run_side_service(
+    make_app: Callable[[], Any],
+    *,
+    host: str,
+    port: int,
+    http: HttpSettings,
+    tokens: Mapping[str, str],
+    log: logging.Logger,
+    on_started: Callable[[str, Any], None] | None = None,
+) -> None:
+    """``visionloop monitor`` and ``visionloop loop``: ``log``'s lines on stderr, the public-bind check on
+    ``tokens`` (by setting name) before ``make_app`` builds anything, then serve until SIGINT/SIGTERM."""
+    configure_logging(log)
+    check_public_bind(host, http, tokens, log)
+    run_server(make_app(), host=host, port=port, http=http, drain_seconds=5, on_started=on_started)

@@ -11,11 +11,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from visionloop.config import HttpSettings, Settings
+from visionloop.config import Settings
 from visionloop.service.server import _Server, check_public_bind, run_server
 from visionloop.service.server import configure_logging as _configure
 
-__all__ = ["_Server", "configure_logging", "run_side_service", "serve", "serving_tokens"]
+__all__ = ["_Server", "configure_logging", "serve", "serving_tokens"]
 
 # a serving replica does not hang on a registry that went away either: every registry call is bounded by
 # registry.timeout_seconds, without MLflow's minutes of retries (registry.py)
@@ -47,17 +47,3 @@ def serve(settings: Settings, access_log: bool = False, on_started: Callable[[st
         access_log=access_log,
         on_started=on_started,
     )
-
-
-def run_side_service(
-    app: Any,
-    host: str,
-    port: int,
-    log: logging.Logger,
-    on_started: Callable[[str, Any], None] | None = None,
-    http: HttpSettings | None = None,
-) -> None:
-    """``visionloop monitor`` and ``visionloop loop``: serve ``app`` until SIGINT/SIGTERM, with ``log``'s lines on
-    stderr; exit 1 when it could not start (the port was taken, the lifespan failed)."""
-    _configure(log)
-    run_server(app, host=host, port=port, http=http or HttpSettings(), drain_seconds=5, on_started=on_started)
